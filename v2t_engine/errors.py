@@ -1,0 +1,37 @@
+"""Domain exceptions. The CLI turns them into clean messages; nothing else catches them broadly."""
+from __future__ import annotations
+
+
+class V2TError(Exception):
+    """Base class of every error v2t raises on purpose."""
+
+
+class ConfigError(V2TError):
+    """A flag, parameter or configuration value is wrong or inconsistent."""
+
+
+class TableError(V2TError):
+    """A whole table cannot be read (missing file, bad schema)."""
+
+
+class RowError(V2TError):
+    """One table row cannot be used. Carries where it is, so reports can name it."""
+
+    def __init__(self, line_no: int, idx: str | None, reason: str):
+        self.line_no = line_no
+        self.idx = idx
+        self.reason = reason
+        where = f"line {line_no}" + (f" (idx {idx!r})" if idx is not None else "")
+        super().__init__(f"{where}: {reason}")
+
+
+class FrameError(V2TError):
+    """A frames field or one frame in it is unusable; the caller wraps it into a RowError."""
+
+
+class ArtifactError(V2TError):
+    """A checkpoint or export directory is missing files or is inconsistent."""
+
+
+class ExportValidationError(V2TError):
+    """An exported graph disagrees with the PyTorch model beyond tolerance."""
