@@ -1,0 +1,280 @@
+"""The video captioner: an OpenAI-CLIP ViT frame encoder and a minGPT caption decoder.
+
+Module and parameter names follow EasyNLP's ``mingpt_i2t`` application exactly
+(``first_stage_model.`` + OpenAI CLIP visual keys, ``transformer.`` + minGPT keys; EASYNLP.md §8)
+so an EasyNLP checkpoint's state dict maps onto this model weight for weight.
+
+The decoder's one forward takes and returns an explicit KV cache. Training (no past), greedy
+generation and the ONNX export all go through it, so there is a single definition of the math.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v2t_engine.config import ModelConfig
+
+# One (key, value) pair per decoder layer, each (B, nh, S, hs).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (``in_proj_weight``
+    stacks q, k, v) so OpenAI CLIP weights load as they are, computed with SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, act: str, eps: float):
+        super().__init__()
+        self.attn = ViTAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU()),
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    """OpenAI CLIP's VisionTransformer; per frame it returns ``ln_post(x[:, 0]) @ proj``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width, patch = cfg.vit_width, cfg.vit_patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.img_len + 1, width))
+        self.ln_pre = nn.LayerNorm(width, eps=cfg.vit_layer_norm_eps)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, cfg.vit_heads, cfg.vit_act, cfg.vit_layer_norm_eps)
+            for _ in range(cfg.vit_layers))
+        self.ln_post = nn.LayerNorm(width, eps=cfg.vit_layer_norm_eps)
+        # EasyNLP drops the projection when the width already matches the decoder.
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.n_embd)) if cfg.vit_has_proj else None
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, 3, S, S) normalized pixels → (N, n_embd) one embedding per frame."""
+        x = self.conv1(frames)  # (N, width, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (N, g*g, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, width)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+g*g, width)
+        x = self.ln_pre(x)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        x = self.ln_post(x[:, 0, :])  # (N, width)
+        return x @ self.proj if self.proj is not None else x
+
+
+class DecoderAttention(nn.Module):
+    """minGPT's causal self-attention (separate key/query/value/proj Linear layers) with an
+    explicit KV cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None):
+        B, T, C = x.shape
+        hs = C // self.n_head
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs), S = past + T
+            v = torch.cat([past[1], v], dim=2)
+        if mask is None:  # training: no past, plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, T, S)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y), (k, v)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.attn = DecoderAttention(cfg)
+        # Indices 0 and 2 give minGPT's keys mlp.0 / mlp.2; minGPT uses the exact (erf) GELU.
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x, mask, past):
+        a, present = self.attn(self.ln1(x), mask, past)
+        x = x + a
+        return x + self.mlp(self.ln2(x)), present
+
+
+class CaptionDecoder(nn.Module):
+    """minGPT over ``[prefix embeddings, token embeddings]`` with learned positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, cfg.block_size, cfg.n_embd))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # minGPT's initialisation.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, prefix_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                past: KVCache | None = None, last_only: bool = False):
+        """One decoder pass.
+
+        input_ids (B, T) tokens, T may be 0; prefix_embeds (B, P, E) frame embeddings placed before
+        the tokens, P may be 0; position_ids (B, P+T) absolute positions; attention_mask (B, S)
+        with S = past + P + T, 1 for keys that may be attended (0 marks padding slots);
+        past: per layer (key, value) of shape (B, nh, past, hs).
+        Without past and attention_mask this is plain causal training attention.
+        Returns logits (B, P+T, V), or (B, V) for the last position with ``last_only``, and the
+        new cache (past + this step's keys/values).
+        """
+        x = self.tok_emb(input_ids)  # (B, T, E)
+        if prefix_embeds is not None:
+            x = torch.cat([prefix_embeds.to(x.dtype), x], dim=1)  # (B, P+T, E)
+        B, L, _ = x.shape
+        if position_ids is None:
+            past_len = past[0][0].shape[2] if past else 0
+            position_ids = torch.arange(past_len, past_len + L, device=x.device).expand(B, L)
+        x = x + self.pos_emb[0][position_ids]  # (B, L, E)
+
+        mask = None
+        if past is not None or attention_mask is not None:
+            mask = self._step_mask(attention_mask, past, B, L, x.device)
+        presents: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, mask, past[i] if past else None)
+            presents.append(present)
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1, :]  # (B, E)
+        return self.head(x), presents
+
+    @staticmethod
+    def _step_mask(attention_mask, past, B: int, L: int, device) -> torch.Tensor:
+        """Boolean (B, 1, L, S) mask: causal within this step, all of the past visible, keys
+        marked 0 in attention_mask hidden."""
+        past_len = past[0][0].shape[2] if past else 0
+        S = past_len + L
+        q_pos = torch.arange(L, device=device).unsqueeze(1) + past_len  # (L, 1)
+        k_pos = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+        mask = (k_pos <= q_pos).unsqueeze(0).unsqueeze(0)  # (1, 1, L, S)
+        if attention_mask is not None:
+            mask = mask & attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, L, S)
+        return mask.expand(B, 1, L, S)
+
+
+class VideoCaptioner(nn.Module):
+    """The whole application. Attribute names are EasyNLP's (``first_stage_model`` is the CLIP
+    ViT, ``transformer`` the minGPT decoder) so their state-dict keys coincide."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.first_stage_model = VisionTransformer(cfg)
+        self.transformer = CaptionDecoder(cfg)
+        if cfg.freeze_vit:
+            self.first_stage_model.requires_grad_(False)
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.first_stage_model
+
+    @property
+    def decoder(self) -> CaptionDecoder:
+        return self.transformer
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, F, 3, S, S) → prefix embeddings (B, F, E)."""
+        B, Fr = frames.shape[:2]
+        if self.cfg.freeze_vit:
+            with torch.no_grad():  # EasyNLP calls its frozen encoder under no_grad
+                emb = self.first_stage_model(frames.flatten(0, 1))
+        else:
+            emb = self.first_stage_model(frames.flatten(0, 1))
+        return emb.view(B, Fr, -1)
+
+    def loss(self, frames: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """EasyNLP's objective (EASYNLP.md §6): input ``[frames, text[:-1]]``, logits from the last
+        frame position on, targets all ``text_len`` tokens, pads included."""
+        prefix = self.encode_frames(frames)  # (B, F, E)
+        logits, _ = self.transformer(tokens[:, :-1], prefix_embeds=prefix)  # (B, F+T-1, V)
+        logits = logits[:, prefix.shape[1] - 1:, :]  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+
+    @torch.no_grad()
+    def generate_greedy(self, frames: torch.Tensor) -> torch.Tensor:
+        """Reference greedy decoding with the KV cache: (B, F, 3, S, S) → (B, text_len) token ids,
+        padded with pad_id after each caption's end."""
+        cfg = self.cfg
+        prefix = self.encode_frames(frames)
+        B = prefix.shape[0]
+        empty = torch.zeros(B, 0, dtype=torch.long, device=prefix.device)
+        logits, past = self.transformer(empty, prefix_embeds=prefix, last_only=True)
+        out = torch.full((B, cfg.text_len), cfg.pad_id, dtype=torch.long, device=prefix.device)
+        done = torch.zeros(B, dtype=torch.bool, device=prefix.device)
+        for t in range(cfg.text_len):
+            token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, cfg.pad_id), token)
+            out[:, t] = token
+            done |= token == cfg.pad_id
+            if bool(done.all()) or t == cfg.text_len - 1:
+                break
+            logits, past = self.transformer(token[:, None], past=past, last_only=True)
+        return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
