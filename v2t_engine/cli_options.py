@@ -8,12 +8,13 @@ from typing import Any
 import click
 
 
-def easynlp_option(name: str, **kwargs: Any) -> Callable:
-    """``easynlp_option("input_schema", ...)`` accepts --input_schema and --input-schema."""
+def easynlp_option(name: str, dest: str | None = None, **kwargs: Any) -> Callable:
+    """``easynlp_option("input_schema", ...)`` accepts --input_schema and --input-schema; the
+    value reaches the command as ``dest`` (default: the name)."""
     flags = [f"--{name}"]
     if "_" in name:
         flags.append(f"--{name.replace('_', '-')}")
-    return click.option(*flags, name, **kwargs)
+    return click.option(*flags, dest or name, **kwargs)
 
 
 def compose(*decorators: Callable) -> Callable:

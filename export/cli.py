@@ -1,0 +1,32 @@
+"""`v2t export`: loaded lazily by the CLI because it needs torch."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from v2t_engine.cli_options import checkpoint_dir_option, easynlp_option
+from v2t_engine.errors import V2TError
+
+from .exporter import FORMATS, PRECISIONS, export_checkpoint
+
+
+@click.command("export")
+@checkpoint_dir_option
+@easynlp_option("output", required=True, type=click.Path(file_okay=False),
+                help="Export directory to create (replaced if it exists).")
+@easynlp_option("format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
+@easynlp_option("precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+def export_command(checkpoint_dir, output, fmt, precision):
+    """Export a training checkpoint to a frame-encoder graph and an incremental decoder graph with
+    a KV cache, validated against PyTorch (tensor differences and greedy tokens).
+
+    \b
+    Example:
+      v2t export --checkpoint_dir ck --format onnx --output ck_onnx
+    """
+    try:
+        manifest = export_checkpoint(checkpoint_dir, output, fmt, precision)
+    except V2TError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"exported to {output}; validation: {json.dumps(manifest.validation)}")

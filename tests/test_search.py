@@ -1,0 +1,110 @@
+"""Token selection and the generation loop on hand-made logits."""
+import numpy as np
+import pytest
+
+from v2t_engine.config import ModelConfig
+from v2t_engine.errors import ConfigError
+from v2t_engine.generator import generate_candidates, generate_tokens
+from v2t_engine.search import SearchOptions, select_tokens
+
+
+def test_greedy_is_argmax():
+    logits = np.array([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]], np.float32)
+    assert select_tokens(logits, SearchOptions(), np.random.default_rng(0)).tolist() == [1, 0]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 50)).astype(np.float32)
+    want = logits.argmax(-1)
+    for opts in (SearchOptions(do_sample=True, top_k=1), SearchOptions(do_sample=True, top_p=1e-6)):
+        assert (select_tokens(logits, opts, np.random.default_rng(1)) == want).all()
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without():
+    logits = np.zeros((32, 100), np.float32)
+    opts = SearchOptions(do_sample=True)
+    a = select_tokens(logits, opts, np.random.default_rng(7))
+    b = select_tokens(logits, opts, np.random.default_rng(7))
+    c = select_tokens(logits, opts, np.random.default_rng(8))
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_sampling_follows_the_distribution_and_filters():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(np.tile(probs, (20000, 1)))
+    rng = np.random.default_rng(0)
+    freq = np.bincount(select_tokens(logits, SearchOptions(do_sample=True), rng), minlength=4) / 20000
+    assert np.allclose(freq, probs, atol=0.02)
+    # top_k=2 renormalizes over the two best; top_p=0.6 keeps {0, 1} (0.5 < 0.6 <= 0.8).
+    for opts in (SearchOptions(do_sample=True, top_k=2), SearchOptions(do_sample=True, top_p=0.6)):
+        freq = np.bincount(select_tokens(logits, opts, rng), minlength=4) / 20000
+        assert freq[2] == freq[3] == 0
+        assert abs(freq[0] - 0.5 / 0.8) < 0.02
+    # A low temperature sharpens towards the argmax.
+    freq = np.bincount(select_tokens(logits, SearchOptions(do_sample=True, temperature=0.1), rng), minlength=4)
+    assert freq[0] / 20000 > 0.99
+
+
+@pytest.mark.parametrize("kwargs", [{"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0.0},
+                                    {"num_return": 0}])
+def test_bad_options_are_rejected(kwargs):
+    with pytest.raises(ConfigError):
+        SearchOptions(**kwargs)
+
+
+class ScriptedBackend:
+    """Returns a fixed logit script per step, so the loop's stop and padding rules can be checked
+    exactly. Row r emits script[r][step] as its argmax."""
+
+    name = "scripted"
+
+    def __init__(self, script, vocab=6, pad=0):
+        self.config = ModelConfig(vocab_size=vocab, pad_id=pad, frame_num=2, img_size=16, text_len=5,
+                                  n_layer=1, n_head=1, n_embd=4, vit_width=4, vit_layers=1, vit_heads=1,
+                                  vit_patch_size=8)
+        self.script = script
+        self.calls = []
+
+    def encode(self, frames):
+        return np.zeros((frames.shape[0], 4), np.float32)
+
+    def empty_cache(self, batch):
+        return 0
+
+    def decode(self, input_ids, prefix_embeds, position_ids, attention_mask, cache):
+        step = cache
+        self.calls.append((input_ids.copy(), position_ids.copy(), attention_mask.shape))
+        logits = np.zeros((input_ids.shape[0], self.config.vocab_size), np.float32)
+        for r, row in enumerate(self.script):
+            logits[r, row[min(step, len(row) - 1)]] = 1.0
+        return logits, step + 1
+
+
+def test_generation_stops_at_pad_and_pads_finished_rows():
+    backend = ScriptedBackend([[3, 4, 0, 5, 5], [2, 0, 3, 3, 3]])
+    out = generate_tokens(backend, np.zeros((2, 2, 4), np.float32), SearchOptions(),
+                          np.random.default_rng(0), max_new_tokens=5)
+    # Row 1 ends first and is held at [PAD] even though its script goes on; the loop stops once
+    # every row has ended instead of running to max_new_tokens.
+    assert out.tolist() == [[3, 4, 0, 0, 0], [2, 0, 0, 0, 0]]
+    assert len(backend.calls) == 3
+    ids, pos, mask = backend.calls[0]
+    assert ids.shape == (2, 0) and pos.tolist() == [[0, 1], [0, 1]] and mask == (2, 2)
+    ids, pos, mask = backend.calls[2]
+    assert ids.tolist() == [[4], [0]] and pos.tolist() == [[3], [3]] and mask == (2, 4)
+
+
+def test_generation_respects_the_length_limit():
+    backend = ScriptedBackend([[1, 2, 3, 4, 5]])
+    out = generate_tokens(backend, np.zeros((1, 2, 4), np.float32), SearchOptions(),
+                          np.random.default_rng(0), max_new_tokens=3)
+    assert out.tolist() == [[1, 2, 3]] and len(backend.calls) == 3
+
+
+def test_greedy_candidates_are_computed_once_and_repeated():
+    backend = ScriptedBackend([[2, 0]])
+    pixels = np.zeros((1, 2, 3, 16, 16), np.float32)
+    out = generate_candidates(backend, pixels, SearchOptions(num_return=3), np.random.default_rng(0), 4)
+    assert out.shape == (1, 3, 4) and (out == [2, 0, 0, 0]).all()
+    assert backend.calls[0][0].shape[0] == 1  # one row decoded, not three

@@ -1,0 +1,25 @@
+"""What the generator needs from a backend. Backends own their sessions and their KV cache
+representation; the generator passes the cache back untouched."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..config import ModelConfig
+
+
+class Backend(Protocol):
+    name: str
+    config: ModelConfig
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """frames (N, 3, S, S) float32, CLIP-normalized → (N, n_embd) float32."""
+
+    def empty_cache(self, batch: int) -> Any:
+        """The KV cache before the prefix step (past length 0)."""
+
+    def decode(self, input_ids: np.ndarray, prefix_embeds: np.ndarray, position_ids: np.ndarray,
+               attention_mask: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
+        """One decoder step (see contract.py) → last-position logits (B, V) float32 and the cache
+        extended by this step."""

@@ -1,0 +1,170 @@
+"""`v2t predict` over tables: stream rows, decode frames in a thread pool, caption in batches,
+write ``idx \\t gen_text`` rows in input order, and report bad rows without stopping."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from .captioner import Captioner
+from .errors import ConfigError, RowError
+from .frames import FrameSource, row_frames_or_error
+from .preprocess import normalize
+from .search import SearchOptions
+from .tables import InputSchema, TableRow, read_table
+from .writer import AtomicTableWriter, ErrorReport
+
+log = logging.getLogger(__name__)
+
+GEN_TEXT = "gen_text"
+# Exit status of `v2t predict` when the job finished but some rows were left out.
+EXIT_SOME_ROWS_FAILED = 3
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    tables: tuple[str, ...]
+    outputs: str
+    input_schema: InputSchema
+    first_sequence: str = "imgbase64"
+    output_schema: tuple[str, ...] = ("idx", GEN_TEXT)
+    append_cols: tuple[str, ...] = ()
+    micro_batch_size: int = 8
+    frame_num: int | None = None  # None: the model's
+    text_len: int | None = None  # None: the model's
+    search: SearchOptions = field(default_factory=SearchOptions)
+    on_error: str = "skip"  # skip: report and go on; fail: stop at the first bad row
+    frame_source: FrameSource = field(default_factory=FrameSource)
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "fail"):
+            raise ConfigError(f"on_error must be skip or fail, got {self.on_error!r}")
+        names = set(self.input_schema.names)
+        self.input_schema.position(self.first_sequence)  # raises naming the column
+        for col in (*self.output_schema, *self.append_cols):
+            if col != GEN_TEXT and col not in names:
+                raise ConfigError(f"output column {col!r} is neither {GEN_TEXT} nor an input column "
+                                  f"({', '.join(self.input_schema.names)})")
+
+
+@dataclass
+class PredictReport:
+    rows_ok: int = 0
+    rows_failed: int = 0
+    rows_padded: int = 0
+    outputs: str = ""
+    errors_path: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_ROWS_FAILED if self.rows_failed else 0
+
+
+@dataclass
+class _Decoded:
+    row: TableRow
+    pixels: np.ndarray | None = None  # uint8 (F, 3, S, S)
+    padded: int = 0
+    error: RowError | None = None
+
+
+def _rows(opts: PredictOptions) -> Iterator[TableRow | RowError]:
+    for table in opts.tables:
+        yield from read_table(table, opts.input_schema)
+
+
+def _chunks(iterable, size: int) -> Iterator[list]:
+    it = iter(iterable)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None) -> PredictReport:
+    """Run the whole job. Raises RowError at the first bad row when on_error == "fail" (leaving no
+    output); otherwise every bad row goes to the error report and the job goes on."""
+    cfg = captioner.config
+    frame_num = opts.frame_num or cfg.frame_num
+    if frame_num != cfg.frame_num:
+        log.warning("frame_num=%d differs from the %d frames the model was trained on", frame_num, cfg.frame_num)
+    text_len = captioner.max_new_tokens(opts.text_len)
+    rng = np.random.default_rng(opts.search.seed)
+    report = PredictReport(outputs=opts.outputs)
+    errors = ErrorReport(opts.outputs)
+
+    def decode(item: TableRow | RowError) -> _Decoded:
+        if isinstance(item, RowError):
+            return _Decoded(row=TableRow(item.line_no, {}), error=item)
+        try:
+            pixels, padded = row_frames_or_error(item, opts.first_sequence, frame_num, cfg.img_size,
+                                                 opts.frame_source)
+            return _Decoded(item, pixels, padded)
+        except RowError as err:
+            return _Decoded(item, error=err)
+
+    with AtomicTableWriter(opts.outputs) as writer, ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        # Decode the next batch's frames while the current one is captioned; pool.map keeps input
+        # order, and holding one batch ahead keeps memory flat however long the table is.
+        batches = (pool.map(decode, chunk) for chunk in _chunks(_rows(opts), opts.micro_batch_size))
+        pending = next(batches, None)
+        while pending is not None:
+            decoded = list(pending)
+            pending = next(batches, None)
+            good = []
+            for d in decoded:
+                if d.error is not None:
+                    if opts.on_error == "fail":
+                        writer.discard()
+                        errors.close()
+                        raise d.error
+                    log.error("skipping %s", d.error)
+                    errors.add(d.error.line_no, d.error.idx, d.error.reason)
+                    report.rows_failed += 1
+                else:
+                    good.append(d)
+                    report.rows_padded += d.padded > 0
+            if good:
+                pixels = normalize(np.stack([d.pixels for d in good]))  # (B, F, 3, S, S)
+                captions = captioner.caption_pixels(pixels, opts.search, rng, text_len)
+                for d, cands in zip(good, captions):
+                    writer.write_row(_output_fields(d.row, cands, opts))
+                writer.flush()
+                report.rows_ok += len(good)
+            if progress is not None:
+                progress(len(decoded))
+        errors.close()
+        writer.commit()
+    report.errors_path = str(errors.path) if report.rows_failed else None
+    if report.rows_padded:
+        log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
+                    "last frame", report.rows_padded, frame_num)
+    return report
+
+
+def _output_fields(row: TableRow, candidates: list[str], opts: PredictOptions) -> list[str]:
+    # JSON array: json.loads reads it, and so does the ast.literal_eval EasyNLP users apply.
+    gen_text = json.dumps(candidates, ensure_ascii=False)
+    return [gen_text if col == GEN_TEXT else row.fields[col]
+            for col in (*opts.output_schema, *opts.append_cols)]
+
+
+def parse_columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def count_rows(tables: tuple[str, ...]) -> int | None:
+    """Lines in the tables, for the progress bar's total (a fast byte scan; None if unreadable)."""
+    try:
+        total = 0
+        for table in tables:
+            with open(Path(table), "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        return total
+    except OSError:
+        return None

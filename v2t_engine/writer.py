@@ -1,0 +1,71 @@
+"""Output files written so that a reader never sees a half-finished table.
+
+Rows go to ``<outputs>.partial`` as they are produced (flushed per batch, so an interrupted job
+keeps what it finished) and the file is renamed onto ``<outputs>`` only when the job completes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+
+
+class AtomicTableWriter:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self._file = None
+        self.rows = 0
+
+    def __enter__(self) -> "AtomicTableWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.partial, "w", encoding="utf-8", newline="\n")
+        return self
+
+    def write_row(self, fields: list[str]) -> None:
+        self._file.write("\t".join(fields) + "\n")
+        self.rows += 1
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def commit(self) -> None:
+        """Finish: make the output visible under its real name."""
+        self._file.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        """Abandon the output (fail-fast mode): nothing partial is left behind."""
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        # On an unexpected exception or Ctrl-C the .partial file stays: finished rows are kept.
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+
+class ErrorReport:
+    """``<outputs>.errors.tsv``: line number, idx and reason of every row left out."""
+
+    HEADER = "line\tidx\treason\n"
+
+    def __init__(self, outputs: str | Path):
+        self.path = Path(outputs).with_name(Path(outputs).name + ".errors.tsv")
+        self.count = 0
+        self._file = None
+
+    def add(self, line_no: int, idx: str | None, reason: str) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w", encoding="utf-8", newline="\n")
+            self._file.write(self.HEADER)
+        clean = " ".join(reason.split())  # one line per error, whatever the reason text holds
+        self._file.write(f"{line_no}\t{idx or ''}\t{clean}\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        elif self.path.exists():
+            self.path.unlink()  # a stale report from an earlier run would mislead
