@@ -140,7 +140,7 @@ def format_metrics(m: dict) -> str:
     """A short table for the terminal."""
     rows = [
         ("BLEU-4 (zh)", f"{m['bleu4']:.2f}"),
-        ("CIDEr-D", f"{m["cider_d"]:.3f}"),
+        ("CIDEr-D", f"{m['cider_d']:.3f}"),
         ("exact match", f"{100 * m['exact_match']:.1f}%"),
         ("videos scored", str(m["n_references"])),
         ("predictions", str(m["n_predictions"])),
