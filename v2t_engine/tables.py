@@ -1,0 +1,158 @@
+"""Streaming reader for EasyNLP tables (EASYNLP.md §1-2).
+
+A table is UTF-8 text, one row per line, fields separated by tabs, no header. Columns are
+matched by position against ``--input_schema`` (``name:type:count,...``). Tables can be many
+gigabytes of base64 frames, so rows are read one at a time and never all held in memory.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, RowError, TableError
+
+# The types EasyNLP's schemas use. v2t keeps every field as text; the type is only validated.
+_SCHEMA_TYPES = ("str", "int", "float")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    # EasyNLP's count (values packed in one field). Kept as written: every column is still
+    # exactly one tab-separated field, which is all the frames/text/idx columns ever need.
+    count: int
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    columns: tuple[Column, ...]
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            raise ConfigError("input schema has no columns")
+        seen: set[str] = set()
+        for col in self.columns:
+            if col.name in seen:
+                raise ConfigError(f"input schema names column {col.name!r} twice ({self})")
+            seen.add(col.name)
+
+    @classmethod
+    def parse(cls, text: str) -> InputSchema:
+        """Parse EasyNLP's ``--input_schema``, e.g. ``idx:str:1,imgbase64:str:1,text:str:1``."""
+        columns = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue  # tolerate a trailing comma, as the --tables list does
+            pieces = [p.strip() for p in part.split(":")]
+            if len(pieces) != 3 or not pieces[0]:
+                raise ConfigError(f"input schema entry {part!r} is not name:type:count (in {text!r})")
+            name, typ, count = pieces
+            if typ not in _SCHEMA_TYPES:
+                raise ConfigError(f"input schema column {name!r} has type {typ!r}; "
+                                  f"expected one of {', '.join(_SCHEMA_TYPES)}")
+            if not count.isdigit() or int(count) < 1:
+                raise ConfigError(f"input schema column {name!r} has count {count!r}; "
+                                  "expected a positive integer")
+            columns.append(Column(name, typ, int(count)))
+        if not columns:
+            raise ConfigError(f"input schema {text!r} has no columns")
+        return cls(tuple(columns))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def position(self, name: str) -> int:
+        """0-based field index of column `name`; ConfigError naming the schema if it is absent."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ConfigError(f"column {name!r} is not in the input schema "
+                              f"({','.join(self.names)})") from None
+
+    def __str__(self) -> str:
+        return ",".join(f"{c.name}:{c.type}:{c.count}" for c in self.columns)
+
+
+@dataclass(frozen=True)
+class TableRow:
+    line_no: int  # 1-based physical line number in its table, for error reports
+    fields: dict[str, str]
+
+    @property
+    def idx(self) -> str | None:
+        return self.fields.get("idx")
+
+
+def iter_tables(spec: str) -> list[str]:
+    """Split EasyNLP's comma-separated ``--tables`` value into paths (spaces stripped, empties
+    dropped: ``"a.txt, b.txt,"`` → ``["a.txt", "b.txt"]``)."""
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise ConfigError(f"--tables {spec!r} names no table")
+    return paths
+
+
+def read_table(path: str | os.PathLike, schema: InputSchema) -> Iterator[TableRow | RowError]:
+    """Yield the rows of one table in order, lazily.
+
+    A row that cannot be split into the schema's columns is yielded as a RowError (not raised),
+    so callers can report it and go on. Blank lines are skipped; a UTF-8 BOM and CRLF line ends
+    are tolerated; fields beyond the schema are ignored (EasyNLP ignores them too).
+
+    The missing-file check runs now, not at the first ``next()``, so a typo in the last of
+    several tables fails before the first one has been processed. Pipes are fine
+    (``--tables <(zcat big.txt.gz)``): the table is read front to back exactly once.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"table {str(path)!r} does not exist")
+    if path.is_dir():
+        raise TableError(f"table {str(path)!r} is a directory, not a file")
+    return _rows(path, schema)
+
+
+def _rows(path: Path, schema: InputSchema) -> Iterator[TableRow | RowError]:
+    try:
+        # Binary mode and per-line decoding: one row with invalid UTF-8 becomes that row's
+        # error instead of a UnicodeDecodeError that ends the whole job. Splitting on b"\n"
+        # only (not universal newlines) keeps line numbers equal to what `wc -l`/editors show.
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                row = parse_line(raw, line_no, schema)
+                if row is not None:
+                    yield row
+    except OSError as err:
+        raise TableError(f"cannot read table {str(path)!r}: {err}") from err
+
+
+def parse_line(raw: bytes, line_no: int, schema: InputSchema) -> TableRow | RowError | None:
+    """One physical line (bytes, line end included or not) → a row, a RowError, or None for a
+    blank line. Public so a reader that seeks to a remembered offset (lazy training data)
+    parses a line exactly as `read_table` did."""
+    if line_no == 1:
+        raw = raw.removeprefix(_BOM)
+    raw = raw.rstrip(b"\n").removesuffix(b"\r")
+    names = schema.names
+    idx_pos = names.index("idx") if "idx" in names else None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # The idx is usually plain ASCII even when another field is damaged.
+        idx = _field(raw.decode("utf-8", "replace").split("\t"), idx_pos)
+        return RowError(line_no, idx, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})")
+    if not text.strip() and "\t" not in text:
+        return None  # blank line; a line of tabs is a row of empty fields, kept to be reported
+    fields = text.split("\t")
+    if len(fields) < len(names):
+        return RowError(line_no, _field(fields, idx_pos),
+                        f"expected {len(names)} tab-separated columns ({','.join(names)}), found {len(fields)}")
+    return TableRow(line_no, dict(zip(names, fields)))
+
+
+def _field(fields: list[str], pos: int | None) -> str | None:
+    return fields[pos] if pos is not None and pos < len(fields) else None
