@@ -1,0 +1,180 @@
+"""Training checkpoints: one directory, written atomically, readable without pickles.
+
+Layout::
+
+    checkpoint_dir/
+      config.json          ModelConfig (the architecture)
+      model.safetensors    the whole state dict, frozen ViT included (so inference needs nothing else)
+      tokenizer.json, vocab.txt, tokenizer_config.json
+      training_state.pt    optimizer, scheduler, step, epoch, RNG states, training options
+      trainer_state.json   human-readable progress: step, epoch, validation losses
+
+Everything is first written into a temporary sibling directory, then moved into place file by
+file with ``os.replace`` (atomic on one filesystem), ``trainer_state.json`` last: an interrupted
+save leaves the previous checkpoint's files or the new ones, never a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from v2t_engine.config import CONFIG_FILE, ModelConfig
+from v2t_engine.errors import ArtifactError, V2TError
+from v2t_engine.tokenizer import CaptionTokenizer
+
+from .model import VideoCaptioner
+
+MODEL_FILE = "model.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a directory holding a v2t model (config.json + model.safetensors)."""
+    return (Path(path) / MODEL_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_checkpoint(checkpoint_dir: str | Path, model: VideoCaptioner, tokenizer: CaptionTokenizer,
+                    training_state: dict[str, Any] | None = None,
+                    trainer_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically (see the module docstring). Without ``training_state`` the
+    directory holds a model only, and stale state files from an earlier run are removed so they
+    can never be resumed against the wrong weights."""
+    from safetensors.torch import save_file
+
+    target = Path(checkpoint_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.cfg.save(tmp)
+        # safetensors refuses views and shared storage: give it plain contiguous copies.
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        if trainer_state is not None:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        mode = _file_mode()
+        for path in tmp.iterdir():  # safetensors creates its file 0600; give all files the umask's mode
+            path.chmod(mode)
+        names = sorted(p.name for p in tmp.iterdir())
+        names.sort(key=lambda n: n == TRAINER_STATE_FILE)  # the "done" marker goes last
+        for name in names:
+            os.replace(tmp / name, target / name)
+        for name, written in ((TRAINING_STATE_FILE, training_state), (TRAINER_STATE_FILE, trainer_state)):
+            if written is None:
+                (target / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask: the mode a plain open() would give a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _require(directory: Path, names: list[str]) -> None:
+    if not directory.is_dir():
+        raise ArtifactError(f"checkpoint directory {str(directory)!r} does not exist")
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise ArtifactError(f"{str(directory)!r} is not a complete v2t checkpoint: missing {', '.join(missing)}")
+
+
+def load_state_dict(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    directory = Path(checkpoint_dir)
+    _require(directory, [MODEL_FILE])
+    return load_file(str(directory / MODEL_FILE), device=str(torch.device(map_location)))
+
+
+def load_weights_into(model: nn.Module, checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> None:
+    """Copy a checkpoint's weights into ``model`` strictly, with an ArtifactError naming what differs."""
+    state = load_state_dict(checkpoint_dir, map_location)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ArtifactError(f"weights in {str(checkpoint_dir)!r} do not fit the model: {exc}") from None
+    if missing or unexpected:
+        raise ArtifactError(f"weights in {str(checkpoint_dir)!r} do not fit the model: "
+                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_model(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu"
+               ) -> tuple[VideoCaptioner, CaptionTokenizer]:
+    """The trained model (in eval mode, on ``map_location``) and its tokenizer, for inference."""
+    directory = Path(checkpoint_dir)
+    _require(directory, [CONFIG_FILE, MODEL_FILE])
+    try:
+        cfg = ModelConfig.load(directory)
+        tokenizer = CaptionTokenizer.from_dir(directory)
+    except V2TError as exc:
+        raise ArtifactError(f"cannot load checkpoint {str(directory)!r}: {exc}") from None
+    if (tokenizer.vocab_size, tokenizer.pad_id) != (cfg.vocab_size, cfg.pad_id):
+        raise ArtifactError(f"{str(directory)!r}: the tokenizer (vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id}) "
+                            f"does not match config.json (vocab {cfg.vocab_size}, pad {cfg.pad_id})")
+    model = VideoCaptioner(cfg)
+    load_weights_into(model, directory, "cpu")
+    return model.to(map_location).eval(), tokenizer
+
+
+def load_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """training_state.pt, read with ``weights_only=True`` (no arbitrary code from a pickle)."""
+    directory = Path(checkpoint_dir)
+    _require(directory, [TRAINING_STATE_FILE])
+    try:
+        return torch.load(directory / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
+        raise ArtifactError(f"cannot read {directory / TRAINING_STATE_FILE}: {exc}") from None
+
+
+def read_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in types ``torch.load(weights_only=True)`` accepts
+    (numpy's key array becomes a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _tuples(x: Any) -> Any:
+    """random.setstate needs tuples where a round trip may have produced lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
