@@ -112,11 +112,11 @@ def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> tuple[Path, Path]
     enc_contract = encoder_contract(cfg)
     frames = torch.randn(3, 3, cfg.img_size, cfg.img_size)
     log.info("exporting the frame encoder")
-    encoder_path = _export(EncoderGraph(model), (frames,), enc_contract,
+    encoder_path = _export(EncoderGraph(model).eval(), (frames,), enc_contract,
                            _auto_dynamic_shapes(enc_contract, 1), out_dir / ENCODER_FILE)
 
     dec_contract = decoder_contract(cfg)
     log.info("exporting the decoder")
-    decoder_path = _export(DecoderGraph(model), _decoder_example(model), dec_contract,
+    decoder_path = _export(DecoderGraph(model).eval(), _decoder_example(model), dec_contract,
                            _auto_dynamic_shapes(dec_contract, 4), out_dir / DECODER_FILE)
     return encoder_path, decoder_path
