@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from .cli_options import (checkpoint_dir_option, easynlp_option, first_sequence_option,
-                          input_schema_option, micro_batch_size_option, tables_option,
+from .cli_options import (checkpoint_dir_option, compose, easynlp_option, first_sequence_option,
+                          input_schema_option, micro_batch_size_option,
                           user_defined_parameters_option, app_name_option, mode_option)
 from .errors import RowError, V2TError
 
@@ -49,12 +49,95 @@ def main(verbose: int) -> None:
     logging.getLogger("v2t_engine").setLevel(min(level, logging.WARNING))
 
 
+VIDEOS_HELP = ("Videos: a directory (walked recursively, sorted; a folder of images is one video), "
+               "a text file listing paths one per line, or video files, comma-separated.")
+
+
+def video_options(frames_help: str):
+    """Frame choice and encoding options of `make-table` and `predict --videos`."""
+    return compose(
+        click.option("--frames", type=click.IntRange(min=1), default=None, help=frames_help),
+        click.option("--sampling", default="uniform", show_default=True,
+                     help="uniform: the frames at the centres of K equal parts of the video; "
+                          "first: the first K frames; fps:N: N frames a second (at most K with --frames)."),
+        click.option("--size", type=click.IntRange(min=1), default=None,
+                     help="Shrink frames so their shorter side is SIZE pixels (never enlarged)."),
+        click.option("--format", "image_format", type=click.Choice(["jpeg", "png"]), default="jpeg",
+                     show_default=True, help="How frames are encoded in the table."),
+        click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+                     help="JPEG quality."),
+        click.option("--idx", "idx_style", type=click.Choice(["path", "stem"]), default="path",
+                     show_default=True,
+                     help="idx of a row: the path (relative to the directory given), or the file name "
+                          "without extension."),
+    )
+
+
+def _frame_options(frames, sampling, size, image_format, quality):
+    from .videos import FrameOptions, Sampling
+
+    return FrameOptions(frames=frames, sampling=Sampling.parse(sampling), size=size,
+                        format=image_format, quality=quality)
+
+
+@main.command("make-table")
+@click.option("--videos", required=True, help=VIDEOS_HELP)
+@easynlp_option("outputs", required=True, type=click.Path(dir_okay=False), help="Table to write.")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="idx TAB caption lines: adds a caption column (one row per caption), for training.")
+@video_options("Frames per video (default 4; with fps:N, every sampled frame). "
+               "Use the model's frame_num: predict reads the first frame_num frames of a row.")
+@easynlp_option("workers", type=click.IntRange(min=1), default=None,
+                help="Processes decoding videos (default: one per core).")
+def make_table_command(videos, outputs, captions, frames, sampling, size, image_format, quality,
+                       idx_style, workers):
+    """Decode VIDEOS into an EasyNLP table: idx TAB JSON list of base64 frames [TAB caption].
+
+    \b
+    Example:
+      v2t make-table --videos clips/ --outputs test.txt --frames 4 --size 256
+      v2t predict --tables test.txt --outputs out.txt --checkpoint_dir export/ \\
+        --input_schema idx:str:1,imgbase64:str:1
+
+    Files that cannot be read are listed in OUTPUTS.errors.tsv (line = position among the
+    inputs, idx, reason) and left out; exit status 3 when there are some, 0 otherwise.
+    """
+    import os
+
+    from tqdm import tqdm
+
+    from .make_table import make_table
+    from .videos import count_inputs, require_av
+
+    try:
+        require_av()
+        opts = _frame_options(frames, sampling, size, image_format, quality)
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        with tqdm(total=count_inputs(videos), unit="video", desc="make-table", dynamic_ncols=True,
+                  disable=None) as bar:
+            report = make_table(videos, outputs, opts, captions_path=captions, workers=workers,
+                                idx_style=idx_style, progress=bar.update)
+    except V2TError as err:
+        raise click.ClickException(str(err)) from None
+    _report_and_exit(f"wrote {report.rows} rows for {report.videos_ok} videos into {report.outputs}",
+                     f"{report.failed} inputs", report.errors_path, report.exit_code)
+
+
+def _report_and_exit(summary: str, failed: str, errors_path: str | None, exit_code: int) -> None:
+    """The closing lines of a job that reports bad inputs: a summary, where the failures are."""
+    click.echo(summary, err=True)
+    if errors_path:
+        click.echo(f"{failed} failed; see {errors_path}", err=True)
+    sys.exit(exit_code)
+
+
 PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len",
                   "enable_img_path", "img_root_dir")
 
 
 @main.command("predict")
-@tables_option
+@easynlp_option("tables", default=None, help="Comma-separated table paths (or use --videos).")
+@click.option("--videos", default=None, help=VIDEOS_HELP + " Captioned directly, without a table.")
 @easynlp_option("outputs", required=True, type=click.Path(dir_okay=False), help="Output table path.")
 @checkpoint_dir_option
 @input_schema_option
@@ -77,18 +160,27 @@ PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img
 @easynlp_option("on_error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                 help="skip: report bad rows in OUTPUTS.errors.tsv and go on; fail: stop at the first.")
 @easynlp_option("workers", type=click.IntRange(min=1), default=2, show_default=True,
-                help="Threads decoding frames ahead of the model.")
+                help="Threads decoding frames ahead of the model (and, with --videos, processes "
+                     "decoding videos).")
+@video_options("With --videos: frames per video (default: frame_num).")
 @app_name_option
 @mode_option
-def predict_command(tables, outputs, checkpoint_dir, input_schema, first_sequence, output_schema,
+def predict_command(tables, videos, outputs, checkpoint_dir, input_schema, first_sequence, output_schema,
                     append_cols, micro_batch_size, user_defined_parameters, backend, device, threads,
-                    do_sample, top_k, top_p, temperature, seed, on_error, workers, app_name, mode):
-    """Caption every row of TABLES into OUTPUTS (idx TAB JSON list of captions).
+                    do_sample, top_k, top_p, temperature, seed, on_error, workers, frames, sampling,
+                    size, image_format, quality, idx_style, app_name, mode):
+    """Caption every row of TABLES (or every video of VIDEOS) into OUTPUTS (idx TAB JSON list of
+    captions).
 
     \b
     Example:
       v2t predict --tables test.txt --outputs out.txt --checkpoint_dir export/ \\
         --input_schema idx:str:1,imgbase64:str:1 --first_sequence imgbase64
+      v2t predict --videos clips/ --outputs out.txt --checkpoint_dir export/
+
+    With --videos, each video becomes in memory the row `v2t make-table` would write with the
+    same options (the input schema is then idx and the frames column), so the captions are
+    those of make-table + predict.
 
     Exit status: 0 when every row was captioned, 3 when some rows were left out (listed in
     OUTPUTS.errors.tsv), 1 on errors that stop the job.
@@ -102,7 +194,13 @@ def predict_command(tables, outputs, checkpoint_dir, input_schema, first_sequenc
     from .search import SearchOptions
     from .tables import InputSchema, iter_tables
 
+    if (tables is None) == (videos is None):
+        raise click.UsageError("give either --tables or --videos")
     try:
+        if videos is not None:
+            from .videos import require_av
+
+            require_av()  # before the model loads: say it at once
         params = parse_user_defined_parameters(user_defined_parameters, PREDICT_PARAMS)
         captioner = Captioner.load(checkpoint_dir, backend=backend, device=device, threads=threads)
         cfg = captioner.config
@@ -110,7 +208,17 @@ def predict_command(tables, outputs, checkpoint_dir, input_schema, first_sequenc
             if get_int(params, key, want) != want:
                 raise click.BadParameter(f"{key}={params[key]} but the model was built with {key}={want}",
                                          param_hint="--user_defined_parameters")
-        table_list = tuple(iter_tables(tables))
+        rows = total = None
+        if videos is not None:
+            from .make_table import VideoRows
+            from .videos import count_inputs
+
+            frame_opts = _frame_options(frames or get_int(params, "frame_num", cfg.frame_num), sampling,
+                                        size, image_format, quality)
+            rows = VideoRows(videos, frame_opts, column=first_sequence, workers=workers, idx_style=idx_style)
+            input_schema, total = f"idx:str:1,{first_sequence}:str:1", count_inputs(videos)
+            params.pop("enable_img_path", None)  # the rows hold base64 frames, never paths
+        table_list = tuple(iter_tables(tables)) if tables is not None else ()
         opts = PredictOptions(
             tables=table_list, outputs=outputs, input_schema=InputSchema.parse(input_schema),
             first_sequence=first_sequence, output_schema=parse_columns(output_schema),
@@ -121,18 +229,16 @@ def predict_command(tables, outputs, checkpoint_dir, input_schema, first_sequenc
             on_error=on_error, workers=workers,
             frame_source=FrameSource(enable_img_path=get_bool(params, "enable_img_path", False),
                                      img_root_dir=params.get("img_root_dir")))
-        with tqdm(total=count_rows(table_list), unit="row", desc="predict", dynamic_ncols=True,
-                  disable=None) as bar:
-            report = predict_tables(captioner, opts, progress=bar.update)
+        with tqdm(total=count_rows(table_list) if rows is None else total, unit="row", desc="predict",
+                  dynamic_ncols=True, disable=None) as bar:
+            report = predict_tables(captioner, opts, progress=bar.update, rows=rows)
     except RowError as err:
-        raise click.ClickException(f"bad row in {tables}, {err}; no output written "
+        raise click.ClickException(f"bad row in {tables or videos}, {err}; no output written "
                                    "(use --on_error skip to leave bad rows out)") from None
     except V2TError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"captioned {report.rows_ok} rows into {report.outputs}", err=True)
-    if report.rows_failed:
-        click.echo(f"{report.rows_failed} rows failed; see {report.errors_path}", err=True)
-    sys.exit(report.exit_code)
+    _report_and_exit(f"captioned {report.rows_ok} rows into {report.outputs}", f"{report.rows_failed} rows",
+                     report.errors_path, report.exit_code)
 
 
 @main.command("eval")

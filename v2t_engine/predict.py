@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -86,9 +86,11 @@ def _chunks(iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None) -> PredictReport:
+def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
+                   rows: Iterable[TableRow | RowError] | None = None) -> PredictReport:
     """Run the whole job. Raises RowError at the first bad row when on_error == "fail" (leaving no
-    output); otherwise every bad row goes to the error report and the job goes on."""
+    output); otherwise every bad row goes to the error report and the job goes on. `rows`, when
+    given, replaces reading `opts.tables` (`v2t predict --videos` passes the rows it makes)."""
     cfg = captioner.config
     frame_num = opts.frame_num or cfg.frame_num
     if frame_num != cfg.frame_num:
@@ -111,7 +113,8 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None) ->
     with AtomicTableWriter(opts.outputs) as writer, ThreadPoolExecutor(max(1, opts.workers)) as pool:
         # Decode the next batch's frames while the current one is captioned; pool.map keeps input
         # order, and holding one batch ahead keeps memory flat however long the table is.
-        batches = (pool.map(decode, chunk) for chunk in _chunks(_rows(opts), opts.micro_batch_size))
+        source = _rows(opts) if rows is None else rows
+        batches = (pool.map(decode, chunk) for chunk in _chunks(source, opts.micro_batch_size))
         pending = next(batches, None)
         while pending is not None:
             decoded = list(pending)
