@@ -107,7 +107,8 @@ def make_table_command(videos, outputs, captions, frames, sampling, size, image_
     from tqdm import tqdm
 
     from .make_table import make_table
-    from .videos import count_inputs, require_av
+    from .video_inputs import count_inputs
+    from .videos import require_av
 
     try:
         require_av()
@@ -211,7 +212,7 @@ def predict_command(tables, videos, outputs, checkpoint_dir, input_schema, first
         rows = total = None
         if videos is not None:
             from .make_table import VideoRows
-            from .videos import count_inputs
+            from .video_inputs import count_inputs
 
             frame_opts = _frame_options(frames or get_int(params, "frame_num", cfg.frame_num), sampling,
                                         size, image_format, quality)

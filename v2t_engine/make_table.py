@@ -18,7 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ConfigError, RowError
 from .tables import TableRow
-from .videos import EncodedFrames, Failure, FrameOptions, VideoInput, frames_or_failure, iter_inputs, printable
+from .video_inputs import VideoInput, iter_inputs, printable
+from .videos import EncodedFrames, Failure, FrameOptions, frames_or_failure
 from .writer import AtomicTableWriter, ErrorReport
 
 log = logging.getLogger(__name__)

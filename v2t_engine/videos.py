@@ -2,7 +2,7 @@
 
 Three steps, each small:
 
-- **listing** (`iter_inputs`): what `--videos` names, as `VideoInput`s in a fixed order, lazily;
+- **listing** (`video_inputs.iter_inputs`): what `--videos` names, in a fixed order, lazily;
 - **frame choice** (`read_video`, `read_frame_folder`): decode with PyAV and keep K frames chosen
   by timestamp (or by position for a folder of images);
 - **encoding** (`encode_frame`): optional shrink, JPEG/PNG, base64.
@@ -17,9 +17,9 @@ PyAV (`av`) is an optional dependency (the `video` extra): it is imported only h
 from __future__ import annotations
 
 import base64
+import bisect
 import io
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +28,9 @@ from PIL import Image, ImageOps
 
 from .errors import ConfigError, FrameError, V2TError
 from .frames import open_image
+from .video_inputs import IMAGE_SUFFIXES, VideoInput
 
 DEFAULT_FRAMES = 4  # frames per video when --frames is not given (uniform and first sampling)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-# Taken as videos without looking inside (any other file is sniffed: text is a list of paths).
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg",
-                            ".mpeg", ".ts", ".mts", ".m2ts", ".vob", ".3gp", ".ogv", ".gif", ".y4m"})
-# Text files: a --videos file with one of these suffixes is a list of paths, and a directory walk
-# passes them over (captions, lists, our own .partial/.errors.tsv outputs) instead of reporting
-# them as broken videos.
-TEXT_SUFFIXES = frozenset({".txt", ".lst", ".list", ".tsv", ".csv", ".json", ".jsonl", ".md",
-                           ".srt", ".vtt", ".log", ".partial", ".yaml", ".yml", ".xml"})
 # A video stream whose frames end before this share of its declared duration is truncated.
 TRUNCATED_BELOW = 0.9
 
@@ -127,158 +119,6 @@ class FrameOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Listing
-
-
-@dataclass(frozen=True)
-class VideoInput:
-    ordinal: int  # 1-based position among all inputs: the "line" of error reports
-    idx: str  # always printable as UTF-8 (see `bad_name`)
-    path: str
-    is_frame_folder: bool = False
-    bad_name: str | None = None  # why the name cannot be a table's idx, if it cannot
-
-
-def iter_inputs(spec: str, idx_style: str = "path") -> Iterator[VideoInput]:
-    """Every input named by `--videos`, lazily, in a deterministic order.
-
-    `spec` is one path or several separated by commas (as `--tables`). Each is a directory
-    (walked recursively in sorted order; a directory holding only images is one video whose
-    frames are those images, sorted by name), a list file (a TEXT_SUFFIXES file, or any UTF-8
-    text file: one path per line, relative paths taken from the current directory, read lazily),
-    or a video file. idx is the path relative to the walked directory, or the path as written in
-    the list or on the command line; with ``idx_style="stem"`` it is the name without extension.
-    A path that does not exist is still yielded: reading it fails and that failure is reported.
-    """
-    if idx_style not in ("path", "stem"):
-        raise ConfigError(f"idx style must be path or stem, got {idx_style!r}")
-    return _inputs(_parts(spec), idx_style)
-
-
-def _inputs(parts: list[str], idx_style: str) -> Iterator[VideoInput]:
-    ordinal = 0
-    for part in parts:
-        for idx, path, is_folder in _expand(part):
-            ordinal += 1
-            if idx_style == "stem":
-                idx = Path(idx).name if is_folder else Path(idx).stem
-            yield VideoInput(ordinal, printable(idx), path, is_folder, _name_problem(idx))
-
-
-def printable(name: str) -> str:
-    """`name` as a table field can hold it: bytes that are not UTF-8 (kept by Python as
-    surrogates) become U+FFFD and tabs and line breaks spaces, so the name can still be shown and
-    reported."""
-    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return name.translate(_FIELD_BREAKERS)
-
-
-_FIELD_BREAKERS = str.maketrans("\t\n\r", "   ")
-
-
-def _name_problem(idx: str) -> str | None:
-    if any(c in idx for c in "\t\n\r"):
-        return "its name holds a tab or line break, which a table row cannot carry"
-    if printable(idx) != idx:
-        return "its name is not valid UTF-8, which a table cannot hold"
-    return None
-
-
-def _parts(spec: str) -> list[str]:
-    if Path(spec.strip()).exists():
-        return [spec.strip()]  # a name that holds a comma
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise ConfigError(f"--videos {spec!r} names no path")
-    return parts
-
-
-def count_inputs(spec: str) -> int | None:
-    """How many inputs `iter_inputs(spec)` gives, without reading any video (for a progress
-    bar's total: a walk of the directories and a byte scan of the lists); None if that fails."""
-    total = 0
-    try:
-        for part in _parts(spec):
-            path = Path(part)
-            if path.is_dir():
-                total += sum(1 for _ in _walk(path, path))
-            elif path.is_file() and _is_list_file(path):
-                with open(path, "rb") as f:
-                    total += sum(1 for line in f if line.strip())
-            else:
-                total += 1
-    except OSError:
-        return None
-    return total
-
-
-def _expand(part: str) -> Iterator[tuple[str, str, bool]]:
-    """(idx, path, is_frame_folder) for one `--videos` path."""
-    path = Path(part)
-    if path.is_dir():
-        yield from _walk(path, path)
-    elif path.is_file() and _is_list_file(path):
-        yield from _list_entries(path)
-    else:
-        yield part, part, False  # a video, or a missing path reported when it is read
-
-
-def _is_list_file(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return True
-    if suffix in VIDEO_SUFFIXES or suffix in IMAGE_SUFFIXES or path.stat().st_size == 0:
-        return False
-    # No telling suffix: a list is UTF-8 text without NUL bytes; a video never is.
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as err:
-        if err.start < len(head) - 4:  # not just a character cut by the 4 KiB window
-            return False
-    return b"\0" not in head
-
-
-def _list_entries(list_path: Path) -> Iterator[tuple[str, str, bool]]:
-    # surrogateescape: a listed name that is not UTF-8 still reaches the file system as its
-    # bytes, and is reported (bad_name) instead of ending the job.
-    with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line in f:  # streamed: a list of a million paths is never held whole
-            entry = line.strip()
-            if entry:
-                yield entry, entry, Path(entry).is_dir()
-
-
-def _walk(root: Path, top: Path) -> Iterator[tuple[str, str, bool]]:
-    """Depth-first, each directory's entries sorted by name; only one directory's listing is
-    held at a time."""
-    with os.scandir(top) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    kinds = {e.name: _kind(e) for e in entries}
-    if "image" in kinds.values() and "video" not in kinds.values():
-        rel = top.relative_to(root).as_posix()
-        yield (root.name if rel == "." else rel), str(top), True
-    for entry in entries:
-        if kinds[entry.name] == "dir":
-            yield from _walk(root, Path(entry.path))
-        elif kinds[entry.name] == "video":
-            yield Path(entry.path).relative_to(root).as_posix(), entry.path, False
-    # Images next to videos are covers or thumbnails, not videos: left out of the walk.
-
-
-def _kind(entry: os.DirEntry) -> str:
-    """dir, image, text (passed over) or video (any other file: what it really is shows when
-    it is read, and a broken one is reported rather than silently skipped)."""
-    if entry.is_dir(follow_symlinks=False):
-        return "dir"  # links to directories are not followed: a link cycle cannot loop the walk
-    if not entry.is_file():
-        return "other"  # sockets, fifos, broken links
-    suffix = Path(entry.name).suffix.lower()
-    return "image" if suffix in IMAGE_SUFFIXES else "text" if suffix in TEXT_SUFFIXES else "video"
-
-
-# ---------------------------------------------------------------------------------------------
 # Frame choice
 
 
@@ -317,6 +157,13 @@ class FramePicker:
         if self.targets is None:
             return self.count is not None and len(self.picked) >= self.count
         return len(self.picked) >= len(self.targets)
+
+    @property
+    def next_target(self) -> float | None:
+        """The earliest target not yet resolved (None in "first" mode or when done)."""
+        if self.targets is None or self.done:
+            return None
+        return self.targets[len(self.picked)]
 
     def offer(self, time: float, frame) -> None:
         if self.targets is None:
@@ -377,16 +224,26 @@ def read_video(path: str, opts: FrameOptions) -> Frames:
 
     Two passes over the file: the first reads packets only (no decoding, cheap) to learn the
     real time span of the video stream, which metadata can get wrong or leave out (VFR files,
-    WebM, truncated files); the second decodes until the last target is passed."""
+    WebM, truncated files), and where its keyframes are; the second decodes until the last
+    target is passed, jumping to the keyframe before a target when that skips enough of the
+    video (decoding from a keyframe gives the frames a straight decode gives)."""
     av = require_av()
     _check_file(path)
     with _open(av, path) as container:
         span = _probe(av, container, _video_stream(container))
+    try:
+        return _read_frames(av, path, opts, span, seek=True)
+    except _SeekFailed:
+        # A demuxer that cannot land on the keyframe asked for: decode straight through.
+        return _read_frames(av, path, opts, span, seek=False)
+
+
+def _read_frames(av, path: str, opts: FrameOptions, span: _Span, seek: bool) -> Frames:
     with _open(av, path) as container:
         stream = _video_stream(container)
         picker = FramePicker(target_times(opts.sampling, opts.count, span.start, span.end), opts.count,
                              lambda f: _to_image(f, stream, opts))
-        if _decode(av, container, stream, picker, span) == 0:
+        if _decode(av, container, stream, picker, span, seek) == 0:
             raise VideoError("no frame could be decoded")
     return Frames(picker.finish(), span.packets)
 
@@ -436,6 +293,7 @@ class _Span:
     end: float
     rate: float  # frames per second, for frames without timestamps
     packets: int  # frames in the stream
+    keyframes: tuple[tuple[float, int], ...] = ()  # (seconds, pts), in time order
 
 
 def _probe(av, container, stream) -> _Span:
@@ -444,6 +302,7 @@ def _probe(av, container, stream) -> _Span:
     tb = stream.time_base
     start = end = None
     packets = 0
+    keyframes = []
     try:
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -453,6 +312,8 @@ def _probe(av, container, stream) -> _Span:
             if ts is None:
                 continue
             t0 = float(ts * tb)
+            if packet.is_keyframe and packet.pts is not None:
+                keyframes.append((t0, packet.pts))
             t1 = t0 + (float(packet.duration * tb) if packet.duration else 1.0 / rate)
             start = t0 if start is None else min(start, t0)
             end = t1 if end is None else max(end, t1)
@@ -467,7 +328,7 @@ def _probe(av, container, stream) -> _Span:
     if declared and end - start < TRUNCATED_BELOW * declared:
         raise VideoError(f"truncated: its frames end at {end - start:.2f} s but it declares "
                          f"{declared:.2f} s")
-    return _Span(start, end, rate, packets)
+    return _Span(start, end, rate, packets, tuple(sorted(keyframes)))
 
 
 def _declared_duration(container, stream) -> float | None:
@@ -487,22 +348,59 @@ def _declared_duration(container, stream) -> float | None:
     return None
 
 
-def _decode(av, container, stream, picker: FramePicker, span: _Span) -> int:
+# Jump ahead only when it skips at least this much video: a seek flushes the decoder.
+SEEK_MIN_SKIP = 1.0  # seconds
+
+
+class _SeekFailed(Exception):
+    """A seek did not land where the keyframe index says it should."""
+
+
+def _decode(av, container, stream, picker: FramePicker, span: _Span, seek: bool) -> int:
     """Feed decoded frames to `picker` until it is done; returns how many frames were decoded.
     A decoding error fails the video: a damaged file is reported, not captioned in part."""
-    n = 0
+    n, landing = 0, None  # landing: the keyframe just sought to
+    frames = _frames(container, stream, span)
     try:
-        for packet in container.demux(stream):
-            for frame in packet.decode():
-                time = frame.time if frame.pts is not None else span.start + n / span.rate
-                n += 1
-                picker.offer(time, frame)
-                if picker.done:
-                    return n
+        while not picker.done and (item := next(frames, None)) is not None:
+            time, frame = item
+            if landing is not None:
+                if time < landing[0]:
+                    continue  # leading frames of an open GOP: they belong before the keyframe
+                if time > picker.next_target:
+                    raise _SeekFailed  # it skipped the frame on screen at the target
+                landing = None
+            n += 1
+            picker.offer(time, frame)
+            jump = _keyframe_ahead(span.keyframes, picker.next_target, time) if seek else None
+            if jump is not None:
+                frames.close()
+                container.seek(jump[1], stream=stream, backward=True)
+                frames, landing = _frames(container, stream, span), jump
     except av.error.FFmpegError as err:
         raise VideoError(f"corrupt or truncated (FFmpeg: {_ffmpeg_message(err)} after "
                          f"{n} decoded frames)") from None
     return n
+
+
+def _frames(container, stream, span: _Span) -> Iterator[tuple[float, object]]:
+    """(seconds, frame) in presentation order from the demuxer's current position."""
+    n = 0
+    for packet in container.demux(stream):
+        for frame in packet.decode():
+            yield (frame.time if frame.pts is not None else span.start + n / span.rate), frame
+            n += 1
+
+
+def _keyframe_ahead(keyframes, target: float | None, now: float) -> tuple[float, int] | None:
+    """The last keyframe at or before `target`, if it lies far enough past `now` to be worth a
+    seek (the frame on screen at `target` is then decoded from it)."""
+    if target is None or not keyframes:
+        return None
+    i = bisect.bisect_right(keyframes, (target, math.inf)) - 1
+    if i < 0 or keyframes[i][0] - now < SEEK_MIN_SKIP:
+        return None
+    return keyframes[i]
 
 
 def _to_image(frame, stream, opts: FrameOptions) -> Image.Image:
