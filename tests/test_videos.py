@@ -11,10 +11,12 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_SCHEMA, run_cli
+from v2t_engine import videos
 from v2t_engine.errors import RowError
 from v2t_engine.make_table import VideoRows, ordered_map, read_captions
-from v2t_engine.videos import (FrameOptions, FramePicker, Sampling, VideoInput, frame_indices,
-                               frames_or_failure, iter_inputs, target_times)
+from v2t_engine.video_inputs import VideoInput, iter_inputs
+from v2t_engine.videos import (FrameOptions, FramePicker, Sampling, frame_indices, frames_or_failure,
+                               target_times)
 
 av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
 
@@ -36,12 +38,15 @@ def image_index(image: Image.Image) -> int:
     return int(round((a[..., 0].mean() - 8) / 16)) + 16 * int(round((a[..., 1].mean() - 8) / 16))
 
 
-def write_video(path, images, codec="libx264", rate=25, pts_ms=None, rotation=None):
-    """Encode RGB arrays; pts_ms gives each frame's time in milliseconds (variable frame rate)."""
+def write_video(path, images, codec="libx264", rate=25, pts_ms=None, rotation=None, gop=None):
+    """Encode RGB arrays; pts_ms gives each frame's time in milliseconds (variable frame rate),
+    gop the distance between keyframes."""
     height, width = images[0].shape[:2]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         if pts_ms is not None:
             stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
         if rotation is not None:
@@ -113,6 +118,27 @@ def test_variable_frame_rate_picks_the_frame_on_screen(tmp_path):
     video = write_video(tmp_path / "vfr.mkv", [index_image(i) for i in range(len(pts))], pts_ms=pts)
     # Span ~[0, 1.94) s: targets ~0.24, 0.73, 1.21, 1.70 s show frames 2, 4, 7 and 8.
     assert picked(video, frames=4) == [2, 4, 7, 8]
+
+
+def decode_with(video, seek: bool):
+    """(frames decoded, indices picked) for uniform K=4, seeking to keyframes or not."""
+    with av.open(str(video)) as container:
+        span = videos._probe(av, container, container.streams.video[0])
+    with av.open(str(video)) as container:
+        picker = FramePicker(target_times(Sampling(), 4, span.start, span.end), 4,
+                             convert=lambda f: image_index(f.to_image()))
+        decoded = videos._decode(av, container, container.streams.video[0], picker, span, seek)
+    return decoded, picker.finish()
+
+
+@pytest.mark.parametrize("ext,codec", [("mp4", "libx264"), ("mkv", "mpeg4")])
+def test_long_videos_seek_to_keyframes_and_pick_the_same_frames(tmp_path, ext, codec):
+    video = write_video(tmp_path / f"long.{ext}", [index_image(i % 256, 32, 32) for i in range(500)],
+                        codec, gop=10)  # 20 s; targets 2.5, 7.5, 12.5, 17.5 s
+    expected = [62, 187, 312 % 256, 437 % 256]
+    straight, seeking = decode_with(video, seek=False), decode_with(video, seek=True)
+    assert straight == (439, expected) and seeking[1] == expected and seeking[0] < 60
+    assert picked(video, frames=4) == expected
 
 
 def test_short_video_repeats_frames_and_is_counted(tmp_path):
