@@ -6,13 +6,15 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .backends.base import Backend
 from .errors import ArtifactError, ConfigError
-from .generator import generate_candidates
+from .generator import generate_candidates, stream_captions
 from .manifest import Manifest, is_export_dir
 from .search import SearchOptions
 from .tokenizer import CaptionTokenizer
@@ -88,5 +90,17 @@ class Captioner:
 
     def caption_pixels(self, pixels: np.ndarray, opts: SearchOptions = SearchOptions(),
                        rng: np.random.Generator | None = None, text_len: int | None = None) -> list[list[str]]:
-        ids = self.generate_ids(pixels, opts, rng, text_len)
-        return [[self.tokenizer.decode(c) for c in video] for video in ids.tolist()]
+        return [self.decode_candidates(video) for video in self.generate_ids(pixels, opts, rng, text_len)]
+
+    def caption_stream(self, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions = SearchOptions(),
+                       text_len: int | None = None, slots: int = 8) -> Iterator[tuple[Any, list[str]]]:
+        """(key, pixels (F, 3, S, S) CLIP-normalized) → (key, captions) in the order captions
+        finish, with continuous batching over `slots` decoder rows (generator.py); opts.seed
+        keys the sampling. Videos are read lazily, as slots free up."""
+        stream = stream_captions(self.backend, videos, opts, self.max_new_tokens(text_len), slots, opts.seed)
+        for key, ids in stream:
+            yield key, self.decode_candidates(ids)
+
+    def decode_candidates(self, ids: np.ndarray) -> list[str]:
+        """Token ids (n, T) of one video → its n captions."""
+        return [self.tokenizer.decode(c) for c in ids.tolist()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..contract import decoder_contract, past_names
+from ..contract import past_names, present_names
 from ..errors import ConfigError
 from ..manifest import Manifest
 
@@ -52,7 +52,7 @@ class OrtBackend:
         self.decoder = ort.InferenceSession(str(self.export_dir / self.manifest.decoder_file), opts,
                                             providers=providers)
         self._past_names = past_names(self.config.n_layer)
-        self._output_names = decoder_contract(self.config).output_names
+        self._present_names = present_names(self.config.n_layer)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         return self.encoder.run(None, {"frames": frames.astype(np.float32, copy=False)})[0]
@@ -63,8 +63,30 @@ class OrtBackend:
         return [empty] * len(self._past_names)
 
     def decode(self, input_ids, prefix_embeds, position_ids, attention_mask, cache: OrtCache):
+        cfg = self.config
+        shape = (attention_mask.shape[0], cfg.n_head, attention_mask.shape[1], cfg.head_dim)
+        present = [np.empty(shape, np.float32) for _ in self._present_names]
+        logits = self.decode_into(input_ids, prefix_embeds, position_ids, attention_mask, cache, present)
+        return logits, present
+
+    def decode_into(self, input_ids, prefix_embeds, position_ids, attention_mask,
+                    past: list[np.ndarray], present: list[np.ndarray]) -> np.ndarray:
+        # IOBinding over the caller's numpy memory: the graph reads the past and writes the
+        # present in place, where session.run would hand back freshly allocated outputs.
+        binding = self.decoder.io_binding()
         feed = {"input_ids": input_ids, "prefix_embeds": prefix_embeds,
                 "position_ids": position_ids, "attention_mask": attention_mask}
-        feed.update(zip(self._past_names, cache))
-        logits, *present = self.decoder.run(self._output_names, feed)
-        return logits, present
+        feed.update(zip(self._past_names, past))
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        logits = np.empty((input_ids.shape[0], self.config.vocab_size), np.float32)
+        for name, array in (("logits", logits), *zip(self._present_names, present)):
+            _bind_output(binding, name, array)
+        self.decoder.run_with_iobinding(binding)
+        return logits
+
+
+def _bind_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    if array.dtype != np.float32 or not array.flags.c_contiguous:
+        raise ValueError(f"{name}: output buffers must be C-contiguous float32")
+    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
