@@ -1,13 +1,14 @@
-"""`v2t predict` over tables: stream rows, decode frames in a thread pool, caption in batches,
-write ``idx \\t gen_text`` rows in input order, and report bad rows without stopping."""
+"""`v2t predict` over tables: stream rows, decode frames in a thread pool ahead of the model,
+caption with continuous batching, write ``idx \\t gen_text`` rows in input order, and report bad
+rows without stopping."""
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +81,50 @@ def _rows(opts: PredictOptions) -> Iterator[TableRow | RowError]:
         yield from read_table(table, opts.input_schema)
 
 
-def _chunks(iterable, size: int) -> Iterator[list]:
-    it = iter(iterable)
-    while chunk := list(islice(it, size)):
-        yield chunk
+def _decode_ahead(pool: Executor, decode: Callable, items: Iterable, window: int) -> Iterator:
+    """decode(item) for every item, in input order, computed in `pool` while the consumer works
+    on earlier ones; at most `window` in flight, so memory stays flat however long the input."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(decode, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _InOrder:
+    """Captions finish out of input order (continuous batching); rows are written in it. A row
+    waits here until every row before it is written or reported bad; how many wait is bounded by
+    how many short captions can pass one long one, and they hold only their output columns."""
+
+    def __init__(self, write: Callable[[TableRow, list[str]], None], progress):
+        self._write, self._progress = write, progress
+        self._waiting: dict[int, list] = {}  # number in the input → [row, captions or None]
+        self._next = 0
+
+    def expect(self, seq: int, row: TableRow) -> None:
+        self._waiting[seq] = [row, None]
+
+    def skip(self, seq: int) -> None:
+        self._waiting[seq] = None
+        self._flush()
+
+    def done(self, seq: int, captions: list[str]) -> None:
+        self._waiting[seq][1] = captions
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._next in self._waiting:
+            entry = self._waiting[self._next]
+            if entry is not None and entry[1] is None:
+                return  # its caption is not finished yet
+            del self._waiting[self._next]
+            if entry is not None:
+                self._write(*entry)
+            if self._progress is not None:
+                self._progress(1)
+            self._next += 1
 
 
 def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
@@ -96,7 +137,6 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     if frame_num != cfg.frame_num:
         log.warning("frame_num=%d differs from the %d frames the model was trained on", frame_num, cfg.frame_num)
     text_len = captioner.max_new_tokens(opts.text_len)
-    rng = np.random.default_rng(opts.search.seed)
     report = PredictReport(outputs=opts.outputs)
     errors = ErrorReport(opts.outputs)
 
@@ -111,36 +151,39 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
             return _Decoded(item, error=err)
 
     with AtomicTableWriter(opts.outputs) as writer, ThreadPoolExecutor(max(1, opts.workers)) as pool:
-        # Decode the next batch's frames while the current one is captioned; pool.map keeps input
-        # order, and holding one batch ahead keeps memory flat however long the table is.
-        source = _rows(opts) if rows is None else rows
-        batches = (pool.map(decode, chunk) for chunk in _chunks(source, opts.micro_batch_size))
-        pending = next(batches, None)
-        while pending is not None:
-            decoded = list(pending)
-            pending = next(batches, None)
-            good = []
-            for d in decoded:
-                if d.error is not None:
-                    if opts.on_error == "fail":
-                        writer.discard()
-                        errors.close()
-                        raise d.error
+        def write(row: TableRow, captions: list[str]) -> None:
+            writer.write_row(_output_fields(row, captions, opts))
+            report.rows_ok += 1
+
+        in_order = _InOrder(write, progress)
+
+        def videos() -> Iterator[tuple[int, np.ndarray]]:
+            # Enough rows decoded ahead for a whole refill of the slots, so the model does not
+            # wait on JPEG decoding.
+            window = opts.micro_batch_size + 2 * opts.workers
+            source = _rows(opts) if rows is None else rows
+            for seq, d in enumerate(_decode_ahead(pool, decode, source, window)):
+                if d.error is None:
+                    report.rows_padded += d.padded > 0
+                    in_order.expect(seq, _output_columns(d.row, opts))
+                    yield seq, normalize(d.pixels)
+                elif opts.on_error == "fail":
+                    raise d.error
+                else:
                     log.error("skipping %s", d.error)
                     errors.add(d.error.line_no, d.error.idx, d.error.reason)
                     report.rows_failed += 1
-                else:
-                    good.append(d)
-                    report.rows_padded += d.padded > 0
-            if good:
-                pixels = normalize(np.stack([d.pixels for d in good]))  # (B, F, 3, S, S)
-                captions = captioner.caption_pixels(pixels, opts.search, rng, text_len)
-                for d, cands in zip(good, captions):
-                    writer.write_row(_output_fields(d.row, cands, opts))
+                    in_order.skip(seq)
+
+        try:
+            for seq, captions in captioner.caption_stream(videos(), opts.search, text_len,
+                                                          slots=opts.micro_batch_size):
+                in_order.done(seq, captions)
                 writer.flush()
-                report.rows_ok += len(good)
-            if progress is not None:
-                progress(len(decoded))
+        except RowError:
+            writer.discard()
+            errors.close()
+            raise
         errors.close()
         writer.commit()
     report.errors_path = str(errors.path) if report.rows_failed else None
@@ -148,6 +191,12 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
         log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
                     "last frame", report.rows_padded, frame_num)
     return report
+
+
+def _output_columns(row: TableRow, opts: PredictOptions) -> TableRow:
+    """The row without the columns the output does not use (the frames): what waits in _InOrder."""
+    keep = set(opts.output_schema) | set(opts.append_cols)
+    return TableRow(row.line_no, {k: v for k, v in row.fields.items() if k in keep})
 
 
 def _output_fields(row: TableRow, candidates: list[str], opts: PredictOptions) -> list[str]:
