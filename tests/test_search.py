@@ -4,7 +4,7 @@ import pytest
 
 from v2t_engine.config import ModelConfig
 from v2t_engine.errors import ConfigError
-from v2t_engine.generator import generate_candidates, generate_tokens
+from v2t_engine.generator import generate_candidates
 from v2t_engine.search import SearchOptions, select_tokens
 
 
@@ -54,57 +54,57 @@ def test_bad_options_are_rejected(kwargs):
 
 
 class ScriptedBackend:
-    """Returns a fixed logit script per step, so the loop's stop and padding rules can be checked
-    exactly. Row r emits script[r][step] as its argmax."""
+    """A decoder whose next token is a lookup: the first from the video (its frames' pixel value),
+    each later one from the previous token, so the loop's stop and padding rules can be checked
+    exactly. Frames filled with v start the caption first[v]; token t is followed by after[t]."""
 
     name = "scripted"
 
-    def __init__(self, script, vocab=6, pad=0):
+    def __init__(self, first, after, vocab=6, pad=0):
         self.config = ModelConfig(vocab_size=vocab, pad_id=pad, frame_num=2, img_size=16, text_len=5,
                                   n_layer=1, n_head=1, n_embd=4, vit_width=4, vit_layers=1, vit_heads=1,
                                   vit_patch_size=8)
-        self.script = script
-        self.calls = []
+        self.first, self.after = first, after
+        self.steps = 0
 
     def encode(self, frames):
-        return np.zeros((frames.shape[0], 4), np.float32)
+        return np.repeat(frames[:, :1, 0, 0], 4, axis=1).astype(np.float32)
 
-    def empty_cache(self, batch):
-        return 0
-
-    def decode(self, input_ids, prefix_embeds, position_ids, attention_mask, cache):
-        step = cache
-        self.calls.append((input_ids.copy(), position_ids.copy(), attention_mask.shape))
+    def decode_into(self, input_ids, prefix_embeds, position_ids, attention_mask, past, present):
+        for p, q in zip(past, present):
+            q[:, :, :p.shape[2]] = p
+            q[:, :, p.shape[2]:] = 0
+        if prefix_embeds.shape[1]:
+            nxt = [self.first[int(v)] for v in prefix_embeds[:, -1, 0]]
+        else:
+            self.steps += 1
+            nxt = [self.after[int(t)] for t in input_ids[:, 0]]
         logits = np.zeros((input_ids.shape[0], self.config.vocab_size), np.float32)
-        for r, row in enumerate(self.script):
-            logits[r, row[min(step, len(row) - 1)]] = 1.0
-        return logits, step + 1
+        logits[np.arange(len(nxt)), nxt] = 1.0
+        return logits
 
 
-def test_generation_stops_at_pad_and_pads_finished_rows():
-    backend = ScriptedBackend([[3, 4, 0, 5, 5], [2, 0, 3, 3, 3]])
-    out = generate_tokens(backend, np.zeros((2, 2, 4), np.float32), SearchOptions(),
-                          np.random.default_rng(0), max_new_tokens=5)
-    # Row 1 ends first and is held at [PAD] even though its script goes on; the loop stops once
-    # every row has ended instead of running to max_new_tokens.
-    assert out.tolist() == [[3, 4, 0, 0, 0], [2, 0, 0, 0, 0]]
-    assert len(backend.calls) == 3
-    ids, pos, mask = backend.calls[0]
-    assert ids.shape == (2, 0) and pos.tolist() == [[0, 1], [0, 1]] and mask == (2, 2)
-    ids, pos, mask = backend.calls[2]
-    assert ids.tolist() == [[4], [0]] and pos.tolist() == [[3], [3]] and mask == (2, 4)
+def videos(*values):
+    return np.stack([np.full((2, 3, 16, 16), v, np.float32) for v in values])
+
+
+def test_generation_stops_at_pad_and_pads_finished_captions():
+    # Video 0: 3 4 [PAD]; video 1: 2 [PAD]. After [PAD] the script would go on (0 → 5), but an
+    # ended caption stays [PAD]-filled, and the loop stops once both ended, not at the limit.
+    backend = ScriptedBackend(first={0: 3, 1: 2}, after={3: 4, 4: 0, 2: 0, 0: 5, 5: 5})
+    out = generate_candidates(backend, videos(0, 1), SearchOptions(), np.random.default_rng(0), 5)
+    assert out[:, 0].tolist() == [[3, 4, 0, 0, 0], [2, 0, 0, 0, 0]]
+    assert backend.steps == 2
 
 
 def test_generation_respects_the_length_limit():
-    backend = ScriptedBackend([[1, 2, 3, 4, 5]])
-    out = generate_tokens(backend, np.zeros((1, 2, 4), np.float32), SearchOptions(),
-                          np.random.default_rng(0), max_new_tokens=3)
-    assert out.tolist() == [[1, 2, 3]] and len(backend.calls) == 3
+    backend = ScriptedBackend(first={0: 1}, after={1: 2, 2: 3, 3: 4, 4: 5, 5: 5})
+    out = generate_candidates(backend, videos(0), SearchOptions(), np.random.default_rng(0), 3)
+    assert out[:, 0].tolist() == [[1, 2, 3]] and backend.steps == 2
 
 
 def test_greedy_candidates_are_computed_once_and_repeated():
-    backend = ScriptedBackend([[2, 0]])
-    pixels = np.zeros((1, 2, 3, 16, 16), np.float32)
-    out = generate_candidates(backend, pixels, SearchOptions(num_return=3), np.random.default_rng(0), 4)
+    backend = ScriptedBackend(first={0: 2}, after={2: 0, 0: 0})
+    out = generate_candidates(backend, videos(0), SearchOptions(num_return=3), np.random.default_rng(0), 4)
     assert out.shape == (1, 3, 4) and (out == [2, 0, 0, 0]).all()
-    assert backend.calls[0][0].shape[0] == 1  # one row decoded, not three
+    assert backend.steps == 1  # one caption decoded, not three

@@ -26,8 +26,10 @@ from v2t_engine.errors import V2TError
 @easynlp_option("sequence_length", type=click.IntRange(min=1), default=None,
                 help="EasyNLP's block size (img_len + text_len); only checked, the model derives it.")
 @easynlp_option("weight_decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
-@easynlp_option("warmup_ratio", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True,
+@easynlp_option("warmup_ratio", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
                 help="Share of all steps spent warming the learning rate up.")
+@easynlp_option("encoder_lr_scale", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
+                help="The frame encoder's learning rate as a multiple of --learning_rate.")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint_dir (optimizer, step, RNG).")
 @easynlp_option("num_workers", type=click.IntRange(min=0), default=None,
                 help="DataLoader workers (default: 0 when decoded frames fit in memory, else 2).")
@@ -36,8 +38,8 @@ from v2t_engine.errors import V2TError
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 def train_command(tables, input_schema, first_sequence, micro_batch_size, user_defined_parameters, app_name, mode,
                   second_sequence, checkpoint_dir, learning_rate, epoch_num, random_seed, logging_steps,
-                  save_checkpoint_steps, sequence_length, weight_decay, warmup_ratio, resume, num_workers,
-                  threads, device):
+                  save_checkpoint_steps, sequence_length, weight_decay, warmup_ratio, encoder_lr_scale, resume,
+                  num_workers, threads, device):
     """Train a video captioner on TABLES (train table first, validation table last).
 
     \b
@@ -73,7 +75,8 @@ def train_command(tables, input_schema, first_sequence, micro_batch_size, user_d
             user_defined_parameters=parse_user_defined_parameters(user_defined_parameters, TRAIN_PARAMS),
             learning_rate=learning_rate, epoch_num=epoch_num, micro_batch_size=micro_batch_size,
             random_seed=random_seed, logging_steps=logging_steps, save_checkpoint_steps=save_checkpoint_steps,
-            weight_decay=weight_decay, warmup_ratio=warmup_ratio, resume=resume, num_workers=num_workers,
+            weight_decay=weight_decay, warmup_ratio=warmup_ratio, encoder_lr_scale=encoder_lr_scale,
+            resume=resume, num_workers=num_workers,
             threads=threads, sequence_length=sequence_length, device=device)
         with logging_redirect_tqdm():
             out = train(opts)

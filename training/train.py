@@ -68,9 +68,14 @@ class TrainOptions:
     logging_steps: int = 100
     save_checkpoint_steps: int | None = None  # None: save at each epoch end
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.05  # share of all steps spent ramping the LR up linearly
+    warmup_ratio: float = 0.15  # share of all steps spent ramping the LR up linearly
     min_lr_ratio: float = 0.1  # the cosine decays to this fraction of the peak LR
     grad_clip: float = 1.0
+    # The frame encoder's learning rate relative to --learning_rate. A ViT trained from scratch is
+    # less stable than the small decoder at the same rate: on the synthetic clips (2000 clips,
+    # 20 epochs, the README recipe) 0.3 captioned 61% exactly against 36% at 1.0 and 24% at 3.0;
+    # 0.1 gave 46%.
+    encoder_lr_scale: float = 0.3
     resume: bool = False
     num_workers: int | None = None  # None: 0 when frames are cached in memory, else a few
     threads: int | None = None  # torch intra-op threads; None: the cores divided among local ranks
@@ -88,7 +93,8 @@ class TrainOptions:
                   (self.save_checkpoint_steps is None or self.save_checkpoint_steps >= 1,
                    f"save_checkpoint_steps must be at least 1, got {self.save_checkpoint_steps}"),
                   (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
-                  (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")]
+                  (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+                  (self.encoder_lr_scale > 0, f"encoder_lr_scale must be positive, got {self.encoder_lr_scale}")]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
@@ -234,9 +240,11 @@ def _broadcast_tokenizer(tokenizer: CaptionTokenizer | None, d: Dist) -> Caption
 
 
 # ---------------------------------------------------------------------------- optimisation
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 encoder_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """minGPT's rule: decay the weight matrices of Linear/Conv layers (and the ViT's fused
-    in_proj and proj matrices), never biases, LayerNorms, embeddings or position tables."""
+    in_proj and proj matrices), never biases, LayerNorms, embeddings or position tables. The
+    frame encoder (``first_stage_model``) learns at ``encoder_lr_scale`` times ``lr``."""
     matrices = set()
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
@@ -245,11 +253,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         for pname in ("in_proj_weight", "proj"):
             if isinstance(getattr(module, pname, None), nn.Parameter):
                 matrices.add(prefix + pname)
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if name in matrices else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((name in matrices, name.startswith("first_stage_model.")), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr": lr * (encoder_lr_scale if encoder else 1.0)}
+            for (decay, encoder), params in sorted(groups.items())]
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -346,7 +356,8 @@ def _train(opts: TrainOptions, d: Dist) -> Path:
     loader = make_loader(train_ds, opts.micro_batch_size, sampler, workers)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * opts.epoch_num
-    optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.learning_rate, betas=(0.9, 0.95),
+    groups = param_groups(model, opts.weight_decay, opts.learning_rate, opts.encoder_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=opts.learning_rate, betas=(0.9, 0.95),
                                   fused=d.device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, round(opts.warmup_ratio * total_steps), opts.min_lr_ratio))
@@ -385,14 +396,23 @@ def _train(opts: TrainOptions, d: Dist) -> Path:
         if d.world > 1:
             dist.barrier()  # nobody reads or overwrites a checkpoint still being written
 
+    # Training loss since the last validation (this rank's batches), recorded beside the
+    # validation loss: the two together tell underfitting from overfitting.
+    since = {"loss": 0.0, "steps": 0}
+
     def validate(epoch: int) -> None:
         if val_ds is None or done["validated"] == step:
             return
         done["validated"] = step
         val_loss = evaluate(model, val_ds, opts.micro_batch_size, d)
-        history.append({"step": step, "epoch": epoch, "val_loss": round(val_loss, 6)})
+        entry = {"step": step, "epoch": epoch, "val_loss": round(val_loss, 6)}
+        if since["steps"]:
+            entry["train_loss"] = round(since["loss"] / since["steps"], 6)
+        since.update(loss=0.0, steps=0)
+        history.append(entry)
         if d.is_main:
-            log.info("step %d epoch %d: validation loss %.4f", step, epoch, val_loss)
+            log.info("step %d epoch %d: validation loss %.4f (training loss %s)", step, epoch, val_loss,
+                     f"{entry['train_loss']:.4f}" if "train_loss" in entry else "n/a")
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (d.is_main and opts.progress))
@@ -414,6 +434,8 @@ def _train(opts: TrainOptions, d: Dist) -> Path:
             current = samples_per_step / (now - tick)
             rate, tick = (0.9 * rate + 0.1 * current if rate else current), now
             value = loss.item()
+            since["loss"] += value
+            since["steps"] += 1
             smooth_loss = value if smooth_loss is None else 0.9 * smooth_loss + 0.1 * value
             bar.update(1)
             bar.set_postfix(loss=f"{smooth_loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
