@@ -11,12 +11,12 @@ from v2t_engine.manifest import TOKENIZER_FILE, Manifest
 from v2t_training.checkpoint import load_model
 
 from .onnx_export import OPSET, export_onnx
+from .quantize import check_precision, quantize_graphs
 from .validate import validate_export
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "trt")
-PRECISIONS = ("fp32",)
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str = "onnx",
@@ -25,8 +25,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
         _require_tensorrt()
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     if output.resolve() == checkpoint_dir.resolve():
         raise ConfigError("--output must differ from --checkpoint_dir")
@@ -37,7 +36,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
     tmp = output.with_name(output.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(model, tmp)
+    quantize_graphs(*export_onnx(model, tmp), precision)
     tokenizer.save(tmp)
     manifest = Manifest(config=model.cfg, opset=OPSET, precision=precision,
                         tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir))

@@ -1,5 +1,6 @@
 """Check an export directory against the PyTorch model it came from: tensor differences on
-random inputs for both graphs, then greedy generation that must give the same tokens."""
+random inputs for both graphs, then greedy generation, whose tokens must equal PyTorch's (fp32)
+or agree on most positions (int8), with the agreement recorded in the manifest."""
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,14 @@ from v2t_training.model import VideoCaptioner
 
 log = logging.getLogger(__name__)
 
-# Max abs difference allowed, relative to max(1, |reference|), per precision.
-TOLERANCE = {"fp32": 1e-3}
+# Max abs difference allowed, relative to max(1, |reference|), per precision. fp32 graphs differ
+# from PyTorch only by operation order (~1e-6); int8 graphs carry quantization error, a few
+# percent of a tensor's range at most for these transformer layers.
+TOLERANCE = {"fp32": 1e-3, "int8": 1e-1, "int8_encoder": 1e-1}
+# Least fraction of greedy tokens equal to PyTorch's: fp32 must give the same captions; int8 may
+# flip near-tied tokens (and with them the rest of a caption), so its agreement is reported and
+# must stay high.
+MIN_GREEDY_AGREEMENT = {"fp32": 1.0, "int8": 0.9, "int8_encoder": 0.9}
 
 
 def _max_diff(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -27,25 +34,15 @@ def _max_diff(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return diff, diff / scale
 
 
-@torch.no_grad()
-def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: str = "fp32",
-                    seed: int = 0, n_videos: int = 4, n_steps: int = 3) -> dict[str, Any]:
-    """Returns the figures for the manifest; raises ExportValidationError past tolerance."""
-    tol = TOLERANCE[precision]
-    model = model.eval().float()
+def _cache_diffs(ort_past: list[np.ndarray], torch_past) -> list[tuple[float, float]]:
+    return [_max_diff(o, t.numpy()) for o, t in zip(ort_past, [x for kv in torch_past for x in kv])]
+
+
+def _compare_decoder(model: VideoCaptioner, backend: OrtBackend, prefix: torch.Tensor,
+                     gen: torch.Generator, n_steps: int) -> dict[str, tuple[float, float]]:
+    """The prefix step from an empty past, then token steps on the returned cache."""
     cfg = model.cfg
-    backend = OrtBackend(export_dir)
-    gen = torch.Generator().manual_seed(seed)
-    report: dict[str, Any] = {"precision": precision, "relative_tolerance": tol}
-    worst = {}
-
-    frames = torch.randn(n_videos * cfg.frame_num, 3, cfg.img_size, cfg.img_size, generator=gen)
-    ref = model.first_stage_model(frames).numpy()
-    worst["frame_encoder"] = _max_diff(backend.encode(frames.numpy()), ref)
-
-    # Decoder: the prefix step from an empty past, then token steps on the returned cache.
-    B, Fr = n_videos, cfg.frame_num
-    prefix = torch.from_numpy(ref.reshape(B, Fr, -1))
+    B, Fr = prefix.shape[:2]
     ids = torch.zeros(B, 0, dtype=torch.long)
     positions = torch.arange(Fr).expand(B, Fr)
     t_logits, t_past = model.transformer(ids, prefix, positions, torch.ones(B, Fr, dtype=torch.long),
@@ -53,7 +50,7 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
     o_logits, o_past = backend.decode(ids.numpy(), prefix.numpy(), positions.numpy().copy(),
                                       np.ones((B, Fr), np.int64), backend.empty_cache(B))
     step_diffs = [_max_diff(o_logits, t_logits.numpy())]
-    cache_diffs = [_max_diff(o, t.numpy()) for o, t in zip(o_past, [x for kv in t_past for x in kv])]
+    cache_diffs = _cache_diffs(o_past, t_past)
     no_prefix = torch.zeros(B, 0, cfg.n_embd)
     for step in range(min(n_steps, cfg.text_len - 1)):
         tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=gen)
@@ -62,26 +59,50 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
         t_logits, t_past = model.transformer(tok, no_prefix, pos, mask, t_past, last_only=True)
         o_logits, o_past = backend.decode(tok.numpy(), no_prefix.numpy(), pos.numpy(), mask.numpy(), o_past)
         step_diffs.append(_max_diff(o_logits, t_logits.numpy()))
-        cache_diffs += [_max_diff(o, t.numpy()) for o, t in zip(o_past, [x for kv in t_past for x in kv])]
-    worst["decoder_logits"] = max(step_diffs, key=lambda d: d[1])
-    worst["decoder_kv_cache"] = max(cache_diffs, key=lambda d: d[1])
+        cache_diffs += _cache_diffs(o_past, t_past)
+    return {"decoder_logits": max(step_diffs, key=lambda d: d[1]),
+            "decoder_kv_cache": max(cache_diffs, key=lambda d: d[1])}
 
+
+def _compare_greedy(model: VideoCaptioner, backend: OrtBackend, pixels: torch.Tensor) -> dict[str, Any]:
+    """Greedy captions end to end through the runtime's own generator vs PyTorch's reference."""
+    t_tokens = model.generate_greedy(pixels).numpy()
+    o_tokens = generate_candidates(backend, pixels.numpy(), SearchOptions(), np.random.default_rng(0),
+                                   model.cfg.text_len)[:, 0, :]
+    return {"greedy_tokens_equal": bool(np.array_equal(t_tokens, o_tokens)),
+            "greedy_token_agreement": float((t_tokens == o_tokens).mean()),
+            "greedy_caption_agreement": float((t_tokens == o_tokens).all(axis=1).mean()),
+            "greedy_videos": len(t_tokens)}
+
+
+@torch.no_grad()
+def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: str = "fp32",
+                    seed: int = 0, n_videos: int = 4, n_steps: int = 3) -> dict[str, Any]:
+    """Compares the export with the fp32 PyTorch model it came from, on random inputs. Returns the
+    figures for the manifest; raises ExportValidationError past the precision's tolerances."""
+    tol, min_agreement = TOLERANCE[precision], MIN_GREEDY_AGREEMENT[precision]
+    model = model.eval().float()
+    cfg = model.cfg
+    backend = OrtBackend(export_dir)
+    gen = torch.Generator().manual_seed(seed)
+    report: dict[str, Any] = {"precision": precision, "relative_tolerance": tol,
+                              "min_greedy_agreement": min_agreement}
+
+    frames = torch.randn(n_videos * cfg.frame_num, 3, cfg.img_size, cfg.img_size, generator=gen)
+    ref = model.first_stage_model(frames)
+    worst = {"frame_encoder": _max_diff(backend.encode(frames.numpy()), ref.numpy())}
+    # The decoder is compared on the PyTorch encoder's output, so its figures are its own error.
+    worst.update(_compare_decoder(model, backend, ref.view(n_videos, cfg.frame_num, -1), gen, n_steps))
     for name, (abs_diff, rel_diff) in worst.items():
         report[f"{name}_max_abs_diff"] = abs_diff
         log.info("validation: %s max abs diff %.3g (relative %.3g, tolerance %.1g)", name, abs_diff, rel_diff, tol)
-    failed = [n for n, (_, rel) in worst.items() if not rel <= tol]  # `not <=` also catches NaN
+    report.update(_compare_greedy(model, backend, frames.view(n_videos, cfg.frame_num, *frames.shape[1:])))
 
-    # Greedy generation: the same tokens, end to end through the runtime's own generator.
-    pixels = frames.view(B, Fr, 3, cfg.img_size, cfg.img_size)
-    t_tokens = model.generate_greedy(pixels).numpy()
-    o_tokens = generate_candidates(backend, pixels.numpy(), SearchOptions(), np.random.default_rng(0),
-                                   cfg.text_len)[:, 0, :]
-    report["greedy_tokens_equal"] = bool(np.array_equal(t_tokens, o_tokens))
-    report["greedy_videos"] = B
-    if failed or not report["greedy_tokens_equal"]:
-        problems = [f"{n}: max abs diff {worst[n][0]:.3g} exceeds relative tolerance {tol:g}" for n in failed]
-        if not report["greedy_tokens_equal"]:
-            problems.append("greedy tokens differ from PyTorch: "
-                            f"{o_tokens.tolist()} != {t_tokens.tolist()}")
+    problems = [f"{n}: max abs diff {worst[n][0]:.3g} exceeds relative tolerance {tol:g}"
+                for n, (_, rel) in worst.items() if not rel <= tol]  # `not <=` also catches NaN
+    if not report["greedy_token_agreement"] >= min_agreement:
+        problems.append(f"greedy tokens agree with PyTorch's on {report['greedy_token_agreement']:.1%} "
+                        f"of positions, below the {min_agreement:.0%} required for {precision}")
+    if problems:
         raise ExportValidationError(f"export in {export_dir} failed validation: " + "; ".join(problems))
     return report

@@ -1,0 +1,71 @@
+"""Lower-precision copies of the exported fp32 graphs, made in place after the fp32 export.
+
+int8 (both graphs) and int8_encoder (the frame encoder only, the decoder stays fp32): ONNX
+Runtime dynamic quantization. Weights of MatMul/Gemm become int8 (per output channel:
+one scale per column keeps the columns with small weights from losing all their bits to the
+largest column), activations are quantized to uint8 per tensor at run time. ORT fuses the result
+into DynamicQuantizeMatMul, which runs on the CPU's int8 dot-product units (VNNI), several times
+the fp32 GEMM rate. Convolutions stay fp32: the only one is the ViT's patch embedding, a few
+percent of the encoder's work. The frame encoder is most of the compute, and its int8 error moves
+few captions; the decoder's int8 error goes straight into the logits that greedy search compares,
+so it flips more near-tied tokens (on the tests' small model 5% of captions, against under 2% for
+the encoder): int8_encoder is the choice that keeps captions, int8 the fastest.
+
+bf16: ONNX Runtime's CPU provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add, Softmax
+are all missing in 1.32; microsoft/onnxruntime#20630), so a bf16 graph would not even load on the
+CPU. It is refused with a message pointing to int8.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from v2t_engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8", "int8_encoder", "bf16")
+# Which graphs each precision quantizes to int8.
+INT8_GRAPHS = {"fp32": (), "int8": ("frame_encoder", "decoder"), "int8_encoder": ("frame_encoder",)}
+
+
+def check_precision(precision: str) -> None:
+    """Raise ConfigError for a precision this export cannot produce, before any work is done."""
+    if precision == "bf16":
+        raise ConfigError(
+            "--precision bf16: ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul, "
+            "Gemm, Add or Softmax (onnxruntime 1.32; microsoft/onnxruntime#20630), so a bf16 "
+            "graph cannot run on the CPU. Use --precision int8_encoder or int8 (dynamic "
+            "quantization, int8 dot products) for CPU speed, or fp32.")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def quantize_graphs(encoder: Path, decoder: Path, precision: str) -> None:
+    """Rewrite the fp32 graph files that `precision` quantizes, in place."""
+    check_precision(precision)
+    for name, path in (("frame_encoder", encoder), ("decoder", decoder)):
+        if name in INT8_GRAPHS[precision]:
+            quantize_int8(path)
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 quantization of one graph file, replacing it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.name + ".int8")
+    log.info("quantizing %s to int8", path.name)
+    quantize_dynamic(path, tmp, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                     weight_type=QuantType.QInt8,
+                     # Only weights are quantized ahead of time; a MatMul of two activations
+                     # (attention scores) keeps fp32.
+                     extra_options={"MatMulConstBOnly": True})
+    os.replace(tmp, path)
+    _drop_external_data(path)
+
+
+def _drop_external_data(path: Path) -> None:
+    """The fp32 graph may have kept its weights in a side file; the int8 graph is small enough
+    to hold them inline, so a stale side file would only waste disk."""
+    path.with_name(path.name + ".data").unlink(missing_ok=True)

@@ -1,0 +1,74 @@
+"""`v2t export --precision`: int8 graphs are validated against PyTorch with their agreement
+recorded, keep the captions of the synthetic test clips, and bf16 is refused with the reason."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import TEST_SCHEMA, run_cli
+from v2t_engine.captioner import Captioner
+from v2t_engine.cli import main
+from v2t_engine.frames import FrameSource, row_frames_or_error
+from v2t_engine.preprocess import normalize
+from v2t_engine.tables import InputSchema, read_table
+
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+def export(checkpoint, out, precision):
+    run_cli(["export", "--checkpoint_dir", checkpoint, "--output", out, "--precision", precision])
+    return out
+
+
+def manifest(export_dir):
+    return json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+
+
+def quantized(graph_path) -> bool:
+    return bool(QUANTIZED_OPS & {n.op_type for n in onnx.load(str(graph_path)).graph.node})
+
+
+@pytest.fixture(scope="module")
+def int8_encoder_dir(checkpoint, tmp_path_factory):
+    return export(checkpoint, tmp_path_factory.mktemp("int8_encoder") / "onnx", "int8_encoder")
+
+
+def test_int8_encoder_export_is_quantized_validated_and_reports_agreement(int8_encoder_dir):
+    m = manifest(int8_encoder_dir)
+    assert m["precision"] == "int8_encoder"
+    assert quantized(int8_encoder_dir / "frame_encoder.onnx")
+    assert not quantized(int8_encoder_dir / "decoder.onnx")
+    v = m["validation"]
+    assert v["precision"] == "int8_encoder" and v["min_greedy_agreement"] == 0.9
+    assert v["greedy_token_agreement"] >= 0.9
+    assert 0.0 <= v["greedy_caption_agreement"] <= 1.0
+    assert v["frame_encoder_max_abs_diff"] < v["relative_tolerance"]
+
+
+def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, export_dir, synth_data):
+    rows = list(read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA)))
+    fp32 = Captioner.load(export_dir)
+    cfg = fp32.config
+    pixels = normalize(np.stack([row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0]
+                                 for r in rows]))
+    want = fp32.caption_pixels(pixels)
+    got = Captioner.load(int8_encoder_dir).caption_pixels(pixels)
+    assert np.mean([a == b for a, b in zip(got, want)]) >= 0.98
+
+
+def test_int8_quantizes_both_graphs_and_reports_agreement(checkpoint, tmp_path):
+    out = export(checkpoint, tmp_path / "int8", "int8")
+    assert quantized(out / "frame_encoder.onnx") and quantized(out / "decoder.onnx")
+    v = manifest(out)["validation"]
+    assert v["greedy_token_agreement"] >= v["min_greedy_agreement"]
+    assert v["decoder_logits_max_abs_diff"] < v["relative_tolerance"] * 10  # relative to max(1, |logit|)
+
+
+def test_bf16_is_refused_with_the_reason(checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(checkpoint), "--output",
+                                       str(tmp_path / "bf16"), "--precision", "bf16"])
+    assert result.exit_code == 1
+    assert "bfloat16" in result.output and "int8" in result.output
+    assert not (tmp_path / "bf16").exists()
