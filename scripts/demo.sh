@@ -5,7 +5,7 @@ set -euo pipefail
 WORK=${1:-v2t-demo}
 export HF_HUB_OFFLINE=1
 
-v2t synth "$WORK/data" --train 1000 --val 100 --test 200
+v2t synth "$WORK/data" --train 2000 --val 200 --test 200
 
 v2t train --tables "$WORK/data/train.txt,$WORK/data/val.txt" --checkpoint_dir "$WORK/ck" \
   --input_schema idx:str:1,imgbase64:str:1,text:str:1 --first_sequence imgbase64 --second_sequence text \
