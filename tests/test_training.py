@@ -25,7 +25,7 @@ from v2t_engine.tokenizer import CaptionTokenizer  # noqa: E402
 from v2t_training import checkpoint as ckpt  # noqa: E402
 from v2t_training.data import CaptionDataset, DataSpec  # noqa: E402
 from v2t_training.model import VideoCaptioner  # noqa: E402
-from v2t_training.train import TrainOptions, train  # noqa: E402
+from v2t_training.train import TrainOptions, param_groups, train  # noqa: E402
 
 SCHEMA = "idx:str:1,imgbase64:str:1,text:str:1"
 PARAMS = {"frame_num": "2", "img_size": "32", "text_len": "16", "n_layer": "1", "n_head": "2", "n_embd": "32",
@@ -72,8 +72,24 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(trained):
     losses = [h["val_loss"] for h in state["history"]]
     assert state["step"] == state["total_steps"] == 36 and len(losses) == 6
     assert losses[-1] < 0.6 * losses[0]
+    train_losses = [h["train_loss"] for h in state["history"]]  # beside each validation loss
+    assert train_losses[-1] < train_losses[0]
     full = ckpt.load_training_state(trained)  # weights_only=True must accept everything we store
     assert full["step"] == 36 and full["options"]["epoch_num"] == 6
+
+
+def test_frame_encoder_learns_at_its_scaled_rate():
+    model = VideoCaptioner(ModelConfig(vocab_size=20, frame_num=2, img_size=32, text_len=4, n_layer=1, n_head=2,
+                                       n_embd=32, vit_width=32, vit_layers=1, vit_heads=2, vit_patch_size=16))
+    groups = param_groups(model, 0.01, 1e-3, encoder_lr_scale=0.3)
+    encoder = {id(p) for p in model.first_stage_model.parameters()}
+    for g in groups:
+        in_encoder = {id(p) in encoder for p in g["params"]}
+        assert len(in_encoder) == 1  # no group mixes encoder and decoder parameters
+        assert g["lr"] == pytest.approx(3e-4 if in_encoder == {True} else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="encoder_lr_scale"):
+        TrainOptions(tables=("t.txt",), checkpoint_dir="ck", encoder_lr_scale=0.0)
 
 
 def test_checkpoint_reloads_to_identical_outputs(trained, tmp_path):

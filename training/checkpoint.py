@@ -102,16 +102,21 @@ def load_state_dict(checkpoint_dir: str | Path, map_location: str | torch.device
     return load_file(str(directory / MODEL_FILE), device=str(torch.device(map_location)))
 
 
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``state`` into ``module`` strictly; an ArtifactError starting with ``what`` names the
+    keys missing or unexpected, or the shape that differs."""
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ArtifactError(f"{what}: {exc}") from None
+    if missing or unexpected:
+        raise ArtifactError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def load_weights_into(model: nn.Module, checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> None:
     """Copy a checkpoint's weights into ``model`` strictly, with an ArtifactError naming what differs."""
-    state = load_state_dict(checkpoint_dir, map_location)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ArtifactError(f"weights in {str(checkpoint_dir)!r} do not fit the model: {exc}") from None
-    if missing or unexpected:
-        raise ArtifactError(f"weights in {str(checkpoint_dir)!r} do not fit the model: "
-                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_strict(model, load_state_dict(checkpoint_dir, map_location),
+                f"weights in {str(checkpoint_dir)!r} do not fit the model")
 
 
 def load_model(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu"

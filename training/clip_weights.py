@@ -16,6 +16,8 @@ import torch
 
 from v2t_engine.errors import ArtifactError, ConfigError
 
+from .checkpoint import load_strict
+
 # CLIPVisionConfig's defaults: save_pretrained may leave default values out of config.json.
 _HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
@@ -147,10 +149,4 @@ def convert_hf_clip_vision(hf: dict[str, torch.Tensor], layers: int, n_embd: int
 def load_clip_vision(module: torch.nn.Module, path: str | Path, n_embd: int, layers: int) -> None:
     """Copy a HF CLIP directory's vision weights into ``module`` (a VisionTransformer), strictly."""
     state = convert_hf_clip_vision(read_hf_state_dict(path), layers, n_embd)
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ArtifactError(f"CLIP weights from {str(path)!r} do not fit the frame encoder: {exc}") from None
-    if missing or unexpected:
-        raise ArtifactError(f"CLIP weights from {str(path)!r} do not fit the frame encoder: "
-                            f"missing {missing}, unexpected {unexpected}")
+    load_strict(module, state, f"CLIP weights from {str(path)!r} do not fit the frame encoder")
