@@ -87,9 +87,33 @@ def test_frame_encoder_learns_at_its_scaled_rate():
         in_encoder = {id(p) in encoder for p in g["params"]}
         assert len(in_encoder) == 1  # no group mixes encoder and decoder parameters
         assert g["lr"] == pytest.approx(3e-4 if in_encoder == {True} else 1e-3)
+        assert not g["muon"]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     with pytest.raises(ConfigError, match="encoder_lr_scale"):
         TrainOptions(tables=("t.txt",), checkpoint_dir="ck", encoder_lr_scale=0.0)
+    assert TrainOptions(tables=("t.txt",), checkpoint_dir="ck").resolved_encoder_lr_scale == 1.0  # Muon
+    assert TrainOptions(tables=("t.txt",), checkpoint_dir="ck", optimizer="adamw").resolved_encoder_lr_scale == 0.3
+    with pytest.raises(ConfigError, match="optimizer must be one of muon, adamw"):
+        TrainOptions(tables=("t.txt",), checkpoint_dir="ck", optimizer="sgd")
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_tables():
+    model = VideoCaptioner(ModelConfig(vocab_size=20, frame_num=2, img_size=32, text_len=4, n_layer=1, n_head=2,
+                                       n_embd=32, vit_width=32, vit_layers=1, vit_heads=2, vit_patch_size=16))
+    names = {id(p): n for n, p in model.named_parameters()}
+    rule = {names[id(p)]: (g["muon"], g["blocks"], g["weight_decay"])
+            for g in param_groups(model, 0.1, 1e-3, muon=True) for p in g["params"]}
+    assert rule["first_stage_model.conv1.weight"] == (True, 1, 0.1)  # a Conv, flattened to a matrix
+    assert rule["first_stage_model.transformer.resblocks.0.attn.in_proj_weight"] == (True, 3, 0.1)  # q, k, v
+    assert rule["transformer.blocks.0.attn.query.weight"] == (True, 1, 0.1)
+    assert rule["transformer.blocks.0.mlp.0.weight"] == (True, 1, 0.1)
+    for table in ("transformer.tok_emb.weight", "transformer.pos_emb", "first_stage_model.positional_embedding",
+                  "first_stage_model.class_embedding"):
+        assert rule[table] == (False, 1, 0.0)
+    assert rule["transformer.head.weight"] == (False, 1, 0.1)  # AdamW, decayed like minGPT's head
+    assert rule["transformer.blocks.0.attn.query.bias"] == (False, 1, 0.0)
+    assert rule["transformer.ln_f.weight"] == (False, 1, 0.0)
+    assert len(rule) == len(list(model.parameters()))
 
 
 def test_checkpoint_reloads_to_identical_outputs(trained, tmp_path):

@@ -17,7 +17,7 @@ from v2t_engine.errors import V2TError
 @second_sequence_option
 @checkpoint_dir_option
 @easynlp_option("learning_rate", type=click.FloatRange(0, min_open=True), default=5e-5, show_default=True,
-                help="Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
+                help="Peak learning rate (linear warm-up, cosine decay to 10%).")
 @easynlp_option("epoch_num", type=click.IntRange(min=1), default=3, show_default=True)
 @easynlp_option("random_seed", type=int, default=1234, show_default=True)
 @easynlp_option("logging_steps", type=click.IntRange(min=1), default=100, show_default=True)
@@ -28,8 +28,16 @@ from v2t_engine.errors import V2TError
 @easynlp_option("weight_decay", type=click.FloatRange(min=0), default=0.01, show_default=True)
 @easynlp_option("warmup_ratio", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
                 help="Share of all steps spent warming the learning rate up.")
-@easynlp_option("encoder_lr_scale", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
-                help="The frame encoder's learning rate as a multiple of --learning_rate.")
+@easynlp_option("optimizer", type=click.Choice(["muon", "adamw"]), default="muon", show_default=True,
+                help="muon: Muon for hidden weight matrices, AdamW for the rest; adamw: AdamW only.")
+@easynlp_option("encoder_lr_scale", type=click.FloatRange(min=0, min_open=True), default=None,
+                help="The frame encoder's learning rate as a multiple of --learning_rate "
+                     "(default: 1.0 with muon, 0.3 with adamw).")
+@easynlp_option("augment_views", type=click.IntRange(min=1), default=None,
+                help="Shifted views of each clip per step (default: 3 while the frame encoder trains, "
+                     "1 when it is frozen).")
+@easynlp_option("augment_shift", type=click.FloatRange(0, 0.5, max_open=True), default=1 / 16,
+                show_default="1/16", help="Largest shift of a view, as a share of img_size (0: none).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint_dir (optimizer, step, RNG).")
 @easynlp_option("num_workers", type=click.IntRange(min=0), default=None,
                 help="DataLoader workers (default: 0 when decoded frames fit in memory, else 2).")
@@ -38,8 +46,8 @@ from v2t_engine.errors import V2TError
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 def train_command(tables, input_schema, first_sequence, micro_batch_size, user_defined_parameters, app_name, mode,
                   second_sequence, checkpoint_dir, learning_rate, epoch_num, random_seed, logging_steps,
-                  save_checkpoint_steps, sequence_length, weight_decay, warmup_ratio, encoder_lr_scale, resume,
-                  num_workers, threads, device):
+                  save_checkpoint_steps, sequence_length, weight_decay, warmup_ratio, optimizer, encoder_lr_scale,
+                  augment_views, augment_shift, resume, num_workers, threads, device):
     """Train a video captioner on TABLES (train table first, validation table last).
 
     \b
@@ -75,8 +83,8 @@ def train_command(tables, input_schema, first_sequence, micro_batch_size, user_d
             user_defined_parameters=parse_user_defined_parameters(user_defined_parameters, TRAIN_PARAMS),
             learning_rate=learning_rate, epoch_num=epoch_num, micro_batch_size=micro_batch_size,
             random_seed=random_seed, logging_steps=logging_steps, save_checkpoint_steps=save_checkpoint_steps,
-            weight_decay=weight_decay, warmup_ratio=warmup_ratio, encoder_lr_scale=encoder_lr_scale,
-            resume=resume, num_workers=num_workers,
+            weight_decay=weight_decay, warmup_ratio=warmup_ratio, optimizer=optimizer,
+            encoder_lr_scale=encoder_lr_scale, augment_views=augment_views, augment_shift=augment_shift, resume=resume, num_workers=num_workers,
             threads=threads, sequence_length=sequence_length, device=device)
         with logging_redirect_tqdm():
             out = train(opts)
