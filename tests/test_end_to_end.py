@@ -56,8 +56,6 @@ def test_export_captions_held_out_clips(ort_output, synth_data):
     assert rate >= 0.9, f"colour named right in {rate:.1%} of captions"
 
 
-@pytest.mark.xfail(strict=True, reason="issue #2's target (>= 90% exact) is not met yet: the tests' tiny model "
-                                       "captions ~10% exactly, the README recipe 64% (shapes are the errors)")
 def test_export_captions_90_percent_of_held_out_clips_exactly(ort_output, synth_data):
     rate = exact_rate(ort_output, synth_data["test_refs"])
     assert rate >= 0.9, f"exact match {rate:.1%}"
@@ -68,7 +66,8 @@ def test_eval_command_prints_metrics(ort_output, synth_data):
     metrics = json.loads(result.output)
     assert metrics["exact_match"] == pytest.approx(exact_rate(ort_output, synth_data["test_refs"]))
     # Every caption shares the template 一个…的…, so even imperfect captions overlap the references.
-    assert 20 < metrics["bleu4"] <= 100 and metrics["cider_d"] > 0.5
+    # sacrebleu scores a perfect corpus 100.00000000000004 (float rounding), hence the tolerance.
+    assert 20 < metrics["bleu4"] <= 100 + 1e-9 and metrics["cider_d"] > 0.5
 
 
 def test_torch_and_ort_backends_give_identical_captions(ort_output, checkpoint, synth_data, tmp_path):
