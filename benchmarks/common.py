@@ -108,7 +108,10 @@ def export(ck: Path, precision: str) -> Path:
     if is_export_dir(out) and Manifest.load(out).config == ModelConfig.load(ck):
         return out
     print(f"exporting {precision} (validated against PyTorch) ...", flush=True)
-    export_checkpoint(ck, out, precision=precision)
+    # Random weights give near-tied logits, so int8 rounding flips greedy tokens far more often
+    # than in a trained model (whose agreement the tests check): the int8 exports here are kept
+    # whatever their agreement, and the scripts report it beside their timings.
+    export_checkpoint(ck, out, precision=precision, min_agreement=None if precision == "fp32" else 0.0)
     return out
 
 

@@ -22,7 +22,11 @@ from .quantize import PRECISIONS
                      "several times faster on CPUs with int8 dot products) or int8 (both graphs), "
                      "with greedy agreement checked and recorded. bf16 is refused: ONNX Runtime's "
                      "CPU provider has no bf16 kernels.")
-def export_command(checkpoint_dir, output, fmt, precision):
+@easynlp_option("min_agreement", type=click.FloatRange(0.0, 1.0), default=None,
+                help="Least share of greedy tokens the int8 graphs must give as PyTorch does in "
+                     "validation (default 0.9). Validation decodes random frames, where a model's "
+                     "near-tied tokens flip under quantization more often than on real videos.")
+def export_command(checkpoint_dir, output, fmt, precision, min_agreement):
     """Export a training checkpoint to a frame-encoder graph and an incremental decoder graph with
     a KV cache, validated against PyTorch (tensor differences and greedy tokens).
 
@@ -32,7 +36,7 @@ def export_command(checkpoint_dir, output, fmt, precision):
       v2t export --checkpoint_dir ck --output ck_int8 --precision int8_encoder
     """
     try:
-        manifest = export_checkpoint(checkpoint_dir, output, fmt, precision)
+        manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement)
     except V2TError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"exported to {output}; validation: {json.dumps(manifest.validation)}")

@@ -12,7 +12,7 @@ from v2t_training.checkpoint import load_model
 
 from .onnx_export import OPSET, export_onnx
 from .quantize import check_precision, quantize_graphs
-from .validate import validate_export
+from .validate import check_min_agreement, validate_export
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +20,13 @@ FORMATS = ("onnx", "trt")
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str = "onnx",
-                      precision: str = "fp32") -> Manifest:
+                      precision: str = "fp32", min_agreement: float | None = None) -> Manifest:
     if fmt == "trt":
         _require_tensorrt()
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_precision(precision)
+    check_min_agreement(precision, min_agreement)  # before minutes of export, not after
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     if output.resolve() == checkpoint_dir.resolve():
         raise ConfigError("--output must differ from --checkpoint_dir")
@@ -41,7 +42,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
     manifest = Manifest(config=model.cfg, opset=OPSET, precision=precision,
                         tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir))
     manifest.save(tmp)  # validation loads the directory as the runtime will
-    report = validate_export(model, tmp, precision)
+    report = validate_export(model, tmp, precision, min_agreement=min_agreement)
     manifest = dataclasses.replace(manifest, validation=report)
     manifest.save(tmp)
     if output.exists():

@@ -17,8 +17,8 @@ from v2t_engine.tables import InputSchema, read_table
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul"}
 
 
-def export(checkpoint, out, precision):
-    run_cli(["export", "--checkpoint_dir", checkpoint, "--output", out, "--precision", precision])
+def export(checkpoint, out, precision, *extra):
+    run_cli(["export", "--checkpoint_dir", checkpoint, "--output", out, "--precision", precision, *extra])
     return out
 
 
@@ -59,9 +59,10 @@ def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, exp
 
 
 def test_int8_quantizes_both_graphs_and_reports_agreement(checkpoint, tmp_path):
-    out = export(checkpoint, tmp_path / "int8", "int8")
+    out = export(checkpoint, tmp_path / "int8", "int8", "--min_agreement", "0.95")
     assert quantized(out / "frame_encoder.onnx") and quantized(out / "decoder.onnx")
     v = manifest(out)["validation"]
+    assert v["min_greedy_agreement"] == 0.95  # the user's threshold replaced the default 0.9
     assert v["greedy_token_agreement"] >= v["min_greedy_agreement"]
     assert v["decoder_logits_max_abs_diff"] < v["relative_tolerance"] * 10  # relative to max(1, |logit|)
 
@@ -72,3 +73,11 @@ def test_bf16_is_refused_with_the_reason(checkpoint, tmp_path):
     assert result.exit_code == 1
     assert "bfloat16" in result.output and "int8" in result.output
     assert not (tmp_path / "bf16").exists()
+
+
+def test_fp32_agreement_cannot_be_lowered(checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(checkpoint), "--output",
+                                       str(tmp_path / "fp32"), "--min_agreement", "0.5"])
+    assert result.exit_code == 1
+    assert "cannot be lowered for fp32" in result.output
+    assert not (tmp_path / "fp32").exists()
