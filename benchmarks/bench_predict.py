@@ -82,20 +82,35 @@ def captions(out: Path) -> list[str]:
     return [json.loads(line.split("\t")[1])[0] for line in out.read_text(encoding="utf-8").splitlines()]
 
 
+# Runs the v2t CLI and, at exit, writes the process's own peak RSS (VmHWM, KiB) to a file.
+# Not wait4's ru_maxrss: Linux folds the high-water mark of the memory a child had before exec
+# (its parent's, after fork) into that figure, so every child of this multi-GiB benchmark
+# process would report the benchmark's own peak.
+_CLI_WITH_PEAK = """
+import atexit, os, runpy, sys
+def report():
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["V2T_BENCH_PEAK_FILE"], "w") as out:
+        out.write(hwm.split()[1])
+atexit.register(report)
+sys.argv[0] = "v2t"
+runpy.run_module("v2t_engine.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def peak_rss_mib(export_dir: Path, table: Path, out: Path, batch: int, threads: int | None) -> float:
-    """Peak resident memory of a `v2t predict` process on `table`, in MiB."""
-    cmd = [sys.executable, "-m", "v2t_engine.cli", "predict", "--tables", str(table), "--outputs", str(out),
+    """Peak resident memory of a `v2t predict` process on `table`, in MiB (Linux: /proc)."""
+    cmd = [sys.executable, "-c", _CLI_WITH_PEAK, "predict", "--tables", str(table), "--outputs", str(out),
            "--checkpoint_dir", str(export_dir), "--input_schema", SCHEMA, "--first_sequence", "imgbase64",
            "--micro_batch_size", str(batch)] + (["--threads", str(threads)] if threads else [])
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-        # wait4 rather than proc.wait(): it returns this child's own resource usage.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_kib"
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "V2T_BENCH_PEAK_FILE": str(peak_file)})
         if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"v2t predict failed ({proc.returncode}): {log.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+            raise RuntimeError(f"v2t predict failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
+        return int(peak_file.read_text()) / 1024
 
 
 def main() -> int:
