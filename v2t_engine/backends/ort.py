@@ -52,6 +52,7 @@ class OrtBackend:
         self.decoder = ort.InferenceSession(str(self.export_dir / self.manifest.decoder_file), opts,
                                             providers=providers)
         self._past_names = past_names(self.config.n_layer)
+        self._present_names = present_names(self.config.n_layer)
         # The encoder runs on however many videos the generator is refilling (a quarter of the
         # slots, or all of them, or the table's last few), and ORT's arena keeps every chunk it
         # ever grew for those shapes: peak RSS of `v2t predict` rose 59% on a 10x longer table
@@ -61,7 +62,6 @@ class OrtBackend:
         self._encoder_run = ort.RunOptions()
         self._encoder_run.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                "cpu:0;gpu:0" if device == "cuda" else "cpu:0")
-        self._present_names = present_names(self.config.n_layer)
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         return self.encoder.run(None, {"frames": frames.astype(np.float32, copy=False)},
