@@ -29,7 +29,7 @@ import torch
 
 from common import (base_parser, checkpoint, describe, export, load_eager, measure, print_table,
                     recompute_greedy, setup, validation)
-from v2t_engine.captioner import Captioner
+from v2t_engine.runtime.captioner import Captioner
 
 TARGET_SPEEDUP_AT_8 = 15.0
 TARGET_TOKENS_S = 1000.0

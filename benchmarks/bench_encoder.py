@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common import base_parser, checkpoint, describe, export, load_eager, measure, print_table, setup
-from v2t_engine.captioner import Captioner
+from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.config import ModelConfig
 
 TARGET_FRAMES_S = 2.5

@@ -33,13 +33,13 @@ import torch
 
 from common import (base_parser, checkpoint, describe, export, load_eager, measure, print_table,
                     recompute_greedy, setup)
-from v2t_engine.captioner import Captioner
+from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.config import ModelConfig
-from v2t_engine.frames import FrameSource, row_frames_or_error
-from v2t_engine.predict import PredictOptions, predict_tables
-from v2t_engine.preprocess import normalize
-from v2t_engine.synth import COLOURS, MOTIONS, SHAPES, encode_frames, make_clip
-from v2t_engine.tables import InputSchema, read_table
+from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+from v2t_engine.jobs.predict import PredictOptions, predict_tables
+from v2t_engine.inputs.preprocess import normalize
+from v2t_engine.jobs.synth import COLOURS, MOTIONS, SHAPES, encode_frames, make_clip
+from v2t_engine.inputs.tables import InputSchema, read_table
 from v2t_engine.tokenizer import CaptionTokenizer
 
 SCHEMA = "idx:str:1,imgbase64:str:1"

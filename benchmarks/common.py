@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from v2t_engine.config import ModelConfig
-from v2t_engine.manifest import Manifest, is_export_dir
+from v2t_engine.runtime.manifest import Manifest, is_export_dir
 from v2t_engine.tokenizer import SPECIAL_TOKENS, CaptionTokenizer
 from v2t_export.exporter import export_checkpoint
 from v2t_training.checkpoint import is_checkpoint, load_model, save_checkpoint

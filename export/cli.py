@@ -5,11 +5,11 @@ import json
 
 import click
 
-from v2t_engine.cli_options import checkpoint_dir_option, easynlp_option
+from v2t_engine.cli.options import checkpoint_dir_option, easynlp_option
 from v2t_engine.errors import V2TError
 
-from .exporter import FORMATS, export_checkpoint
-from .quantize import PRECISIONS
+from v2t_export.exporter import FORMATS, export_checkpoint
+from v2t_export.quantize import PRECISIONS
 
 
 @click.command("export")

@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 from v2t_engine.errors import ConfigError
-from v2t_engine.manifest import TOKENIZER_FILE, Manifest
+from v2t_engine.runtime.manifest import TOKENIZER_FILE, Manifest
 from v2t_training.checkpoint import load_model
 
-from .onnx_export import OPSET, export_onnx
-from .quantize import check_precision, quantize_graphs
-from .validate import check_min_agreement, validate_export
+from v2t_export.onnx_export import OPSET, export_onnx
+from v2t_export.quantize import check_precision, quantize_graphs
+from v2t_export.validate import check_min_agreement, validate_export
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import onnx
 import torch
 from torch import nn
 
-from v2t_engine.contract import (DECODER_FILE, ENCODER_FILE, GraphContract, decoder_contract,
+from v2t_engine.runtime.contract import (DECODER_FILE, ENCODER_FILE, GraphContract, decoder_contract,
                                  encoder_contract)
 from v2t_training.model import VideoCaptioner
 

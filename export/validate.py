@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from v2t_engine.backends.ort import OrtBackend
+from v2t_engine.runtime.backends.ort import OrtBackend
 from v2t_engine.errors import ConfigError, ExportValidationError
-from v2t_engine.generator import generate_candidates
-from v2t_engine.search import SearchOptions
+from v2t_engine.runtime.generator import generate_candidates
+from v2t_engine.runtime.search import SearchOptions
 from v2t_training.model import VideoCaptioner
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, args, title", [
     ("bench_decoder.py", ["--batch-sizes", "1,8"], "Decoder: greedy captions"),
     ("bench_encoder.py", [], "Frame encoder"),

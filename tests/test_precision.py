@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TEST_SCHEMA, run_cli
-from v2t_engine.captioner import Captioner
+from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.cli import main
-from v2t_engine.frames import FrameSource, row_frames_or_error
-from v2t_engine.preprocess import normalize
-from v2t_engine.tables import InputSchema, read_table
+from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+from v2t_engine.inputs.preprocess import normalize
+from v2t_engine.inputs.tables import InputSchema, read_table
 
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul"}
 
@@ -31,10 +31,11 @@ def quantized(graph_path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def int8_encoder_dir(checkpoint, tmp_path_factory):
-    return export(checkpoint, tmp_path_factory.mktemp("int8_encoder") / "onnx", "int8_encoder")
+def int8_encoder_dir(trained_checkpoint, tmp_path_factory):
+    return export(trained_checkpoint, tmp_path_factory.mktemp("int8_encoder") / "onnx", "int8_encoder")
 
 
+@pytest.mark.slow
 def test_int8_encoder_export_is_quantized_validated_and_reports_agreement(int8_encoder_dir):
     m = manifest(int8_encoder_dir)
     assert m["precision"] == "int8_encoder"
@@ -47,9 +48,10 @@ def test_int8_encoder_export_is_quantized_validated_and_reports_agreement(int8_e
     assert v["frame_encoder_max_abs_diff"] < v["relative_tolerance"]
 
 
-def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, export_dir, synth_data):
-    rows = list(read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA)))
-    fp32 = Captioner.load(export_dir)
+@pytest.mark.slow
+def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, trained_export, recipe_data):
+    rows = list(read_table(recipe_data["test"], InputSchema.parse(TEST_SCHEMA)))
+    fp32 = Captioner.load(trained_export)
     cfg = fp32.config
     pixels = normalize(np.stack([row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0]
                                  for r in rows]))
@@ -58,8 +60,9 @@ def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, exp
     assert np.mean([a == b for a, b in zip(got, want)]) >= 0.98
 
 
-def test_int8_quantizes_both_graphs_and_reports_agreement(checkpoint, tmp_path):
-    out = export(checkpoint, tmp_path / "int8", "int8", "--min_agreement", "0.95")
+@pytest.mark.slow
+def test_int8_quantizes_both_graphs_and_reports_agreement(trained_checkpoint, tmp_path):
+    out = export(trained_checkpoint, tmp_path / "int8", "int8", "--min_agreement", "0.95")
     assert quantized(out / "frame_encoder.onnx") and quantized(out / "decoder.onnx")
     v = manifest(out)["validation"]
     assert v["min_greedy_agreement"] == 0.95  # the user's threshold replaced the default 0.9
@@ -67,16 +70,17 @@ def test_int8_quantizes_both_graphs_and_reports_agreement(checkpoint, tmp_path):
     assert v["decoder_logits_max_abs_diff"] < v["relative_tolerance"] * 10  # relative to max(1, |logit|)
 
 
-def test_bf16_is_refused_with_the_reason(checkpoint, tmp_path):
-    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(checkpoint), "--output",
+def test_bf16_is_refused_with_the_reason(tmp_path):
+    # Refused before the checkpoint is read: no checkpoint needed.
+    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(tmp_path / "ck"), "--output",
                                        str(tmp_path / "bf16"), "--precision", "bf16"])
     assert result.exit_code == 1
     assert "bfloat16" in result.output and "int8" in result.output
     assert not (tmp_path / "bf16").exists()
 
 
-def test_fp32_agreement_cannot_be_lowered(checkpoint, tmp_path):
-    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(checkpoint), "--output",
+def test_fp32_agreement_cannot_be_lowered(tmp_path):
+    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(tmp_path / "ck"), "--output",
                                        str(tmp_path / "fp32"), "--min_agreement", "0.5"])
     assert result.exit_code == 1
     assert "cannot be lowered for fp32" in result.output

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from v2t_engine.preprocess import (CLIP_MEAN, CLIP_STD, _center_crop, crop_frame, normalize,
+from v2t_engine.inputs.preprocess import (CLIP_MEAN, CLIP_STD, _center_crop, crop_frame, normalize,
                                    preprocess_images, resized_size)
 
 

@@ -3,13 +3,13 @@ the PyTorch reference; sampling is reproducible whatever the number of slots."""
 import numpy as np
 import pytest
 
-from v2t_engine.backends.ort import OrtBackend
-from v2t_engine.frames import FrameSource, row_frames_or_error
-from v2t_engine.generator import generate_candidates, stream_captions
-from v2t_engine.kv_cache import SlotCache
-from v2t_engine.preprocess import normalize
-from v2t_engine.search import SearchOptions
-from v2t_engine.tables import InputSchema, read_table
+from v2t_engine.runtime.backends.ort import OrtBackend
+from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+from v2t_engine.runtime.generator import generate_candidates, stream_captions
+from v2t_engine.runtime.kv_cache import SlotCache
+from v2t_engine.inputs.preprocess import normalize
+from v2t_engine.runtime.search import SearchOptions
+from v2t_engine.inputs.tables import InputSchema, read_table
 
 from conftest import TEST_SCHEMA
 
@@ -17,8 +17,8 @@ N_VIDEOS = 24
 
 
 @pytest.fixture(scope="module")
-def backend(export_dir):
-    return OrtBackend(export_dir)
+def backend(random_export):
+    return OrtBackend(random_export)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,11 @@ def test_continuous_batching_gives_one_at_a_time_greedy_tokens(backend, pixels, 
     assert np.array_equal(caption_all(backend, pixels, slots=slots), alone)
 
 
-def test_ort_greedy_tokens_equal_pytorch_reference(checkpoint, backend, pixels):
+def test_ort_greedy_tokens_equal_pytorch_reference(random_checkpoint, backend, pixels):
     torch = pytest.importorskip("torch")
     from v2t_training.checkpoint import load_model
 
-    model, _ = load_model(checkpoint)
+    model, _ = load_model(random_checkpoint)
     reference = model.eval().generate_greedy(torch.from_numpy(pixels)).numpy()
     assert np.array_equal(caption_all(backend, pixels, slots=5)[:, 0], reference)
 

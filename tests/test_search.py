@@ -4,8 +4,8 @@ import pytest
 
 from v2t_engine.config import ModelConfig
 from v2t_engine.errors import ConfigError
-from v2t_engine.generator import generate_candidates
-from v2t_engine.search import SearchOptions, select_tokens
+from v2t_engine.runtime.generator import generate_candidates
+from v2t_engine.runtime.search import SearchOptions, select_tokens
 
 
 def test_greedy_is_argmax():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from v2t_engine.errors import ConfigError
-from v2t_engine.synth import FRAME_SIZES, all_captions, make_clip, write_dataset
+from v2t_engine.jobs.synth import FRAME_SIZES, all_captions, make_clip, write_dataset
 
 
 def _rows(path: Path) -> list[list[str]]:

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from v2t_engine.errors import ConfigError, FrameError, RowError, TableError
-from v2t_engine.frames import (FrameSource, decode_base64_frame, load_row_frames, open_image,
+from v2t_engine.inputs.frames import (FrameSource, decode_base64_frame, load_row_frames, open_image,
                                parse_frame_list, row_frames_or_error)
-from v2t_engine.preprocess import crop_frame
-from v2t_engine.tables import Column, InputSchema, TableRow, iter_tables, parse_line, read_table
+from v2t_engine.inputs.preprocess import crop_frame
+from v2t_engine.inputs.tables import Column, InputSchema, TableRow, iter_tables, parse_line, read_table
 
 SCHEMA = InputSchema.parse("idx:str:1,imgbase64:str:1,text:str:1")
 S = 16  # crop size: small keeps the tests fast
@@ -366,6 +366,6 @@ def test_row_frames_or_error_wraps_frame_errors():
 
 
 def test_input_side_does_not_import_torch():
-    code = ("import sys, v2t_engine.tables, v2t_engine.frames, v2t_engine.preprocess; "
+    code = ("import sys, v2t_engine.inputs.tables, v2t_engine.inputs.frames, v2t_engine.inputs.preprocess; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

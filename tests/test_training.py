@@ -19,8 +19,8 @@ from click.testing import CliRunner  # noqa: E402
 
 from v2t_engine.config import ModelConfig  # noqa: E402
 from v2t_engine.errors import ArtifactError, ConfigError  # noqa: E402
-from v2t_engine.synth import write_dataset  # noqa: E402
-from v2t_engine.tables import InputSchema  # noqa: E402
+from v2t_engine.jobs.synth import write_dataset  # noqa: E402
+from v2t_engine.inputs.tables import InputSchema  # noqa: E402
 from v2t_engine.tokenizer import CaptionTokenizer  # noqa: E402
 from v2t_training import checkpoint as ckpt  # noqa: E402
 from v2t_training.data import CaptionDataset, DataSpec  # noqa: E402
@@ -288,6 +288,7 @@ def test_lazy_decoding_matches_the_cache_and_bad_rows_are_skipped(data, tmp_path
 
 
 # ---------------------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_torchrun_two_processes_write_one_checkpoint(data, tmp_path):
     out = tmp_path / "ddp"
     params = " ".join(f"{k}={v}" for k, v in PARAMS.items())

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_SCHEMA, run_cli
-from v2t_engine import videos
+from v2t_engine.video import decode as videos
 from v2t_engine.errors import RowError
-from v2t_engine.make_table import VideoRows, ordered_map, read_captions
-from v2t_engine.video_inputs import VideoInput, iter_inputs
-from v2t_engine.videos import (FrameOptions, FramePicker, Sampling, frame_indices, frames_or_failure,
+from v2t_engine.jobs.make_table import VideoRows, ordered_map, read_captions
+from v2t_engine.video.inputs import VideoInput, iter_inputs
+from v2t_engine.video.decode import (FrameOptions, FramePicker, Sampling, frame_indices, frames_or_failure,
                                target_times)
 
 av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
@@ -306,7 +306,7 @@ def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch):
 
 def synth_videos(folder):
     """Clips of the synthetic dataset's moving shapes, as real videos in three codecs."""
-    from v2t_engine.synth import COLOURS, MOTIONS, SHAPES, make_clip
+    from v2t_engine.jobs.synth import COLOURS, MOTIONS, SHAPES, make_clip
 
     rng = np.random.default_rng(7)
     formats = [("mp4", "libx264"), ("mkv", "mpeg4")] + ([("webm", "libvpx-vp9")] if has_encoder("libvpx-vp9") else [])
@@ -317,7 +317,7 @@ def synth_videos(folder):
         write_video(folder / f"clip{i}.{ext}", [np.asarray(im) for im in clip], codec, rate=6)
 
 
-def test_predict_on_videos_equals_predict_on_the_made_table(export_dir, tmp_path):
+def test_predict_on_videos_equals_predict_on_the_made_table(random_export, tmp_path):
     folder = tmp_path / "videos"
     folder.mkdir()
     synth_videos(folder)
@@ -325,9 +325,9 @@ def test_predict_on_videos_equals_predict_on_the_made_table(export_dir, tmp_path
     write_audio(folder / "voice.m4a")
     table, from_table, from_videos = tmp_path / "t.txt", tmp_path / "a.txt", tmp_path / "b.txt"
     run_cli(["make-table", "--videos", folder, "--outputs", table, "--workers", 2], expect_code=3)
-    run_cli(["predict", "--tables", table, "--outputs", from_table, "--checkpoint_dir", export_dir,
+    run_cli(["predict", "--tables", table, "--outputs", from_table, "--checkpoint_dir", random_export,
              "--input_schema", TEST_SCHEMA])
-    run_cli(["predict", "--videos", folder, "--outputs", from_videos, "--checkpoint_dir", export_dir,
+    run_cli(["predict", "--videos", folder, "--outputs", from_videos, "--checkpoint_dir", random_export,
              "--workers", 2], expect_code=3)
     assert from_videos.read_text(encoding="utf-8") == from_table.read_text(encoding="utf-8")
     assert len(table_rows(from_videos)) == 6
@@ -335,10 +335,10 @@ def test_predict_on_videos_equals_predict_on_the_made_table(export_dir, tmp_path
     assert [e[1] for e in read_errors(table)] == ["broken.mp4", "voice.m4a"]
 
 
-def test_predict_videos_fail_mode_names_the_file(export_dir, tmp_path):
+def test_predict_videos_fail_mode_names_the_file(random_export, tmp_path):
     (tmp_path / "broken.mkv").write_bytes(b"garbage")
     result = run_cli(["predict", "--videos", tmp_path / "broken.mkv", "--outputs", tmp_path / "o.txt",
-                      "--checkpoint_dir", export_dir, "--on_error", "fail"], expect_code=1)
+                      "--checkpoint_dir", random_export, "--on_error", "fail"], expect_code=1)
     assert "broken.mkv" in result.output and "not a readable video" in result.output
     assert not (tmp_path / "o.txt").exists()
 

@@ -31,7 +31,7 @@ from v2t_engine.config import CONFIG_FILE, ModelConfig
 from v2t_engine.errors import ArtifactError, V2TError
 from v2t_engine.tokenizer import CaptionTokenizer
 
-from .model import VideoCaptioner
+from v2t_training.model import VideoCaptioner
 
 MODEL_FILE = "model.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"

@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from v2t_engine.cli_options import (checkpoint_dir_option, easynlp_option, second_sequence_option,
+from v2t_engine.cli.options import (checkpoint_dir_option, easynlp_option, second_sequence_option,
                                     table_input_options)
 from v2t_engine.errors import V2TError
 
@@ -66,9 +66,9 @@ def train_command(tables, input_schema, first_sequence, micro_batch_size, user_d
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from v2t_engine.params import parse_user_defined_parameters
-    from v2t_engine.tables import iter_tables
+    from v2t_engine.inputs.tables import iter_tables
 
-    from .train import TRAIN_PARAMS, TrainOptions, train
+    from v2t_training.train import TRAIN_PARAMS, TrainOptions, train
 
     if mode not in (None, "train"):
         raise click.BadParameter(f"v2t train runs --mode=train; got --mode={mode}", param_hint="--mode")

@@ -16,7 +16,7 @@ import torch
 
 from v2t_engine.errors import ArtifactError, ConfigError
 
-from .checkpoint import load_strict
+from v2t_training.checkpoint import load_strict
 
 # CLIPVisionConfig's defaults: save_pretrained may leave default values out of config.json.
 _HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from v2t_engine.errors import RowError, TableError
-from v2t_engine.frames import FrameSource, row_frames_or_error
-from v2t_engine.preprocess import normalize
-from v2t_engine.tables import InputSchema, TableRow, read_table
+from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+from v2t_engine.inputs.preprocess import normalize
+from v2t_engine.inputs.tables import InputSchema, TableRow, read_table
 from v2t_engine.tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)

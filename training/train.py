@@ -31,17 +31,17 @@ from tqdm import tqdm
 
 from v2t_engine.config import ModelConfig
 from v2t_engine.errors import ArtifactError, ConfigError
-from v2t_engine.frames import FrameSource
+from v2t_engine.inputs.frames import FrameSource
 from v2t_engine.params import get_bool, get_int
-from v2t_engine.tables import InputSchema
+from v2t_engine.inputs.tables import InputSchema
 from v2t_engine.tokenizer import CaptionTokenizer
 
-from . import checkpoint as ckpt
-from .augment import augment_batch
-from .clip_weights import load_clip_vision, read_clip_vision_spec
-from .data import DEFAULT_CACHE_BUDGET, CaptionDataset, DataSpec, ResumableSampler, make_loader, read_captions
-from .model import VideoCaptioner, count_parameters
-from .optim import MuonAdamW
+from v2t_training import checkpoint as ckpt
+from v2t_training.augment import augment_batch
+from v2t_training.clip_weights import load_clip_vision, read_clip_vision_spec
+from v2t_training.data import DEFAULT_CACHE_BUDGET, CaptionDataset, DataSpec, ResumableSampler, make_loader, read_captions
+from v2t_training.model import VideoCaptioner, count_parameters
+from v2t_training.optim import MuonAdamW
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .captioner import Captioner
-from .errors import ConfigError, RowError
-from .frames import FrameSource, row_frames_or_error
-from .preprocess import normalize
-from .search import SearchOptions
-from .tables import InputSchema, TableRow, read_table
-from .writer import AtomicTableWriter, ErrorReport
+from ..runtime.captioner import Captioner
+from ..errors import ConfigError, RowError
+from ..inputs.frames import FrameSource, row_frames_or_error
+from ..inputs.preprocess import normalize
+from ..runtime.search import SearchOptions
+from ..inputs.tables import InputSchema, TableRow, read_table
+from ..inputs.writer import AtomicTableWriter, ErrorReport
 
 log = logging.getLogger(__name__)
 

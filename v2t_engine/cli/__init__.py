@@ -11,10 +11,10 @@ import sys
 
 import click
 
-from .cli_options import (checkpoint_dir_option, compose, easynlp_option, first_sequence_option,
+from .options import (checkpoint_dir_option, compose, easynlp_option, first_sequence_option,
                           input_schema_option, micro_batch_size_option,
                           user_defined_parameters_option, app_name_option, mode_option)
-from .errors import RowError, V2TError
+from ..errors import RowError, V2TError
 
 # name → "module:attribute" of commands that must not be imported until used.
 LAZY_COMMANDS = {
@@ -74,7 +74,7 @@ def video_options(frames_help: str):
 
 
 def _frame_options(frames, sampling, size, image_format, quality):
-    from .videos import FrameOptions, Sampling
+    from ..video.decode import FrameOptions, Sampling
 
     return FrameOptions(frames=frames, sampling=Sampling.parse(sampling), size=size,
                         format=image_format, quality=quality)
@@ -106,9 +106,9 @@ def make_table_command(videos, outputs, captions, frames, sampling, size, image_
 
     from tqdm import tqdm
 
-    from .make_table import make_table
-    from .video_inputs import count_inputs
-    from .videos import require_av
+    from ..jobs.make_table import make_table
+    from ..video.inputs import count_inputs
+    from ..video.decode import require_av
 
     try:
         require_av()
@@ -188,18 +188,18 @@ def predict_command(tables, videos, outputs, checkpoint_dir, input_schema, first
     """
     from tqdm import tqdm
 
-    from .captioner import Captioner
-    from .frames import FrameSource
-    from .params import get_bool, get_int, parse_user_defined_parameters
-    from .predict import PredictOptions, count_rows, parse_columns, predict_tables
-    from .search import SearchOptions
-    from .tables import InputSchema, iter_tables
+    from ..runtime.captioner import Captioner
+    from ..inputs.frames import FrameSource
+    from ..params import get_bool, get_int, parse_user_defined_parameters
+    from ..jobs.predict import PredictOptions, count_rows, parse_columns, predict_tables
+    from ..runtime.search import SearchOptions
+    from ..inputs.tables import InputSchema, iter_tables
 
     if (tables is None) == (videos is None):
         raise click.UsageError("give either --tables or --videos")
     try:
         if videos is not None:
-            from .videos import require_av
+            from ..video.decode import require_av
 
             require_av()  # before the model loads: say it at once
         params = parse_user_defined_parameters(user_defined_parameters, PREDICT_PARAMS)
@@ -211,8 +211,8 @@ def predict_command(tables, videos, outputs, checkpoint_dir, input_schema, first
                                          param_hint="--user_defined_parameters")
         rows = total = None
         if videos is not None:
-            from .make_table import VideoRows
-            from .video_inputs import count_inputs
+            from ..jobs.make_table import VideoRows
+            from ..video.inputs import count_inputs
 
             frame_opts = _frame_options(frames or get_int(params, "frame_num", cfg.frame_num), sampling,
                                         size, image_format, quality)
@@ -257,7 +257,7 @@ def eval_command(predictions, references, as_json):
     """
     import json
 
-    from .metrics import caption_metrics, format_metrics, read_predictions, read_references
+    from ..jobs.metrics import caption_metrics, format_metrics, read_predictions, read_references
 
     try:
         metrics = caption_metrics(read_predictions(predictions), read_references(references))
@@ -281,7 +281,7 @@ def synth_command(out_dir, n_train, n_val, n_test, frames, seed):
     Example:
       v2t synth data/ && v2t train --tables data/train.txt,data/val.txt --checkpoint_dir ck ...
     """
-    from .synth import write_dataset
+    from ..jobs.synth import write_dataset
 
     paths = write_dataset(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, frames=frames, seed=seed)
     for name, path in paths.items():

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
-from .errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError
 from .generator import generate_candidates, stream_captions
 from .manifest import Manifest, is_export_dir
 from .search import SearchOptions
-from .tokenizer import CaptionTokenizer
+from ..tokenizer import CaptionTokenizer
 
 BACKENDS = ("auto", "ort", "torch")
 
@@ -53,7 +53,7 @@ def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
     if not _is_checkpoint_dir(path):
         raise ArtifactError(f"--backend torch needs a training checkpoint; {path} lacks "
                             "config.json or model.safetensors")
-    from .backends.torch_ref import TorchBackend
+    from v2t_training.torch_backend import TorchBackend
 
     torch_backend = TorchBackend(path, device=device, threads=threads)
     return torch_backend, torch_backend.tokenizer

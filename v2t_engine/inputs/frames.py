@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ConfigError, FrameError, RowError
+from ..errors import ConfigError, FrameError, RowError
 from .preprocess import crop_frame
 from .tables import TableRow
 

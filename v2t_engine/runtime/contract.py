@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 ENCODER_FILE = "frame_encoder.onnx"
 DECODER_FILE = "decoder.onnx"

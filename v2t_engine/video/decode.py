@@ -26,9 +26,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from .errors import ConfigError, FrameError, V2TError
-from .frames import open_image
-from .video_inputs import IMAGE_SUFFIXES, VideoInput
+from ..errors import ConfigError, FrameError, V2TError
+from ..inputs.frames import open_image
+from .inputs import IMAGE_SUFFIXES, VideoInput
 
 DEFAULT_FRAMES = 4  # frames per video when --frames is not given (uniform and first sampling)
 # A video stream whose frames end before this share of its declared duration is truncated.

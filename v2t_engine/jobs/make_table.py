@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from .errors import ConfigError, RowError
-from .tables import TableRow
-from .video_inputs import VideoInput, iter_inputs, printable
-from .videos import EncodedFrames, Failure, FrameOptions, frames_or_failure
-from .writer import AtomicTableWriter, ErrorReport
+from ..errors import ConfigError, RowError
+from ..inputs.tables import TableRow
+from ..video.inputs import VideoInput, iter_inputs, printable
+from ..video.decode import EncodedFrames, Failure, FrameOptions, frames_or_failure
+from ..inputs.writer import AtomicTableWriter, ErrorReport
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _context() -> multiprocessing.context.BaseContext:
     preloaded modules make each start cheap."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["av", "PIL.Image", "v2t_engine.videos"])
+        ctx.set_forkserver_preload(["av", "PIL.Image", "v2t_engine.video.decode"])
         return ctx
     return multiprocessing.get_context("spawn")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, RowError, TableError
+from ..errors import ConfigError, RowError, TableError
 
 # The types EasyNLP's schemas use. v2t keeps every field as text; the type is only validated.
 _SCHEMA_TYPES = ("str", "int", "float")

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SHAPES: dict[str, str] = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形"}
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -14,7 +14,7 @@ class TorchBackend:
         try:
             import torch
         except ImportError:
-            from ..errors import ConfigError
+            from v2t_engine.errors import ConfigError
             raise ConfigError("the torch backend needs PyTorch: pip install torch==2.13.0 "
                               "and pip install 'v2t[train]'") from None
         from v2t_training.checkpoint import load_model

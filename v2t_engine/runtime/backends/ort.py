@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..contract import past_names, present_names
-from ..errors import ConfigError
+from ...errors import ConfigError
 from ..manifest import Manifest
 
 # Cache as the graph returns it: present.{i}.key|value in layer order, each (B, nh, S, hs).

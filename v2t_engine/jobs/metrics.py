@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, RowError, TableError
+from ..errors import ConfigError, RowError, TableError
 
 EVAL_HINT = "install the evaluation extras: pip install 'v2t[eval]'"
 

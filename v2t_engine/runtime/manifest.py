@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .contract import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, decoder_contract, encoder_contract
-from .errors import ArtifactError
-from .preprocess import CLIP_MEAN, CLIP_STD
+from ..errors import ArtifactError
+from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
 
 FORMAT = "v2t-onnx"
 FORMAT_VERSION = 1

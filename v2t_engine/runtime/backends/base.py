@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..config import ModelConfig
+from ...config import ModelConfig
 
 
 class Backend(Protocol):

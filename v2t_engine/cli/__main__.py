@@ -1,0 +1,4 @@
+"""`python -m v2t_engine.cli ...`: what `torchrun -m v2t_engine.cli train ...` runs."""
+from . import main
+
+main()
