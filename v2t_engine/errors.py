@@ -35,3 +35,20 @@ class ArtifactError(V2TError):
 
 class ExportValidationError(V2TError):
     """An exported graph disagrees with the PyTorch model beyond tolerance."""
+
+
+class MissingDependencyError(V2TError, ImportError):
+    """An optional part of v2t is not installed; the message names the ``pip install`` that
+    fixes it. Also an ImportError, for callers that treat it as one."""
+
+
+def import_optional(module: str, needed_for: str, install: str):
+    """``import module``, or MissingDependencyError: '<needed_for> needs <module>, which is not
+    installed: <install>'."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(f"{needed_for} needs {err.name or module}, which is not "
+                                     f"installed: {install}") from None

@@ -156,3 +156,15 @@ def parse_line(raw: bytes, line_no: int, schema: InputSchema) -> TableRow | RowE
 
 def _field(fields: list[str], pos: int | None) -> str | None:
     return fields[pos] if pos is not None and pos < len(fields) else None
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Physical lines of a file, an upper bound on its rows (a last line without a line end
+    counts), in 1 MiB binary chunks: far faster than parsing, for progress totals and memory
+    estimates."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
