@@ -2,15 +2,19 @@
 a frame encoder and one incremental decoder with the KV cache as inputs and outputs."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
-from v2t_engine.runtime.contract import (DECODER_FILE, ENCODER_FILE, GraphContract, decoder_contract,
-                                 encoder_contract)
+from v2t_engine.errors import ExportValidationError
+from v2t_engine.runtime.contract import (DECODER_FILE, ENCODER_FILE, NUM_FRAMES, GraphContract, decoder_contract,
+                                         decoder_sizes, encoder_contract)
 from v2t_training.model import VideoCaptioner
 
 log = logging.getLogger(__name__)
@@ -40,33 +44,27 @@ class DecoderGraph(nn.Module):
         self.n_layer = model.cfg.n_layer
 
     def forward(self, input_ids, prefix_embeds, position_ids, attention_mask, *past_flat):
+        # The four leading inputs and the cache, in decoder_contract's order.
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.n_layer)]
         logits, present = self.decoder(input_ids, prefix_embeds, position_ids, attention_mask,
                                        past, last_only=True)
         return (logits, *[t for kv in present for t in kv])
 
 
-def _decoder_example(model: VideoCaptioner) -> tuple[torch.Tensor, ...]:
-    """Example inputs with distinct sizes of at least 2 on every dynamic axis: torch.export
-    specializes axes whose example size is 0 or 1, and could tie axes of equal size."""
-    cfg = model.cfg
-    B, P, T, past = 2, 3, 4, 5
-    step = P + T
-    return (
-        torch.randint(0, cfg.vocab_size, (B, T)),
-        torch.randn(B, P, cfg.n_embd),
-        (torch.arange(past, past + step) % cfg.block_size).expand(B, step).contiguous(),
-        torch.ones(B, past + step, dtype=torch.long),
-        *[torch.randn(B, cfg.n_head, past, cfg.head_dim) for _ in range(2 * cfg.n_layer)],
-    )
+def _example(contract: GraphContract, sizes: dict[str, int], vocab_size: int) -> tuple:
+    """The contract's example inputs, in contract order, as the traced module's arguments."""
+    return tuple(torch.from_numpy(a.copy()) for a in contract.example(sizes, vocab_size=vocab_size).values())
 
 
-def _auto_dynamic_shapes(contract: GraphContract, n_fixed_args: int):
-    """torch.export dynamic_shapes for the contract's symbolic axes. Dim.AUTO lets the exporter
-    find the relations (total_len = past_len + step_len); contract names are put back after."""
+def _auto_dynamic_shapes(contract: GraphContract):
+    """torch.export dynamic_shapes for the contract's symbolic axes: one entry per leading input,
+    and one tuple for the KV cache, which the module takes as ``*past``. Dim.AUTO lets the
+    exporter find the relations (total_len = past_len + step_len); contract names are put back
+    after."""
     auto = torch.export.Dim.AUTO
     specs = [{axis: auto for axis in t.dynamic_axes()} for t in contract.inputs]
-    return (*specs[:n_fixed_args], tuple(specs[n_fixed_args:])) if len(specs) > n_fixed_args else tuple(specs)
+    n = len(specs) - contract.cache_inputs
+    return (*specs[:n], tuple(specs[n:])) if contract.cache_inputs else tuple(specs)
 
 
 def _name_axes(proto: onnx.ModelProto, contract: GraphContract) -> None:
@@ -76,16 +74,18 @@ def _name_axes(proto: onnx.ModelProto, contract: GraphContract) -> None:
     for value in (*proto.graph.input, *proto.graph.output):
         spec = by_name.get(value.name)
         if spec is None:
-            raise RuntimeError(f"exported graph has unexpected tensor {value.name!r}")
+            raise ExportValidationError(f"the exported graph has a tensor the contract does not know: {value.name!r}")
         dims = value.type.tensor_type.shape.dim
         if len(dims) != len(spec.shape):
-            raise RuntimeError(f"{value.name}: rank {len(dims)} != contract rank {len(spec.shape)}")
+            raise ExportValidationError(f"exported tensor {value.name!r} has rank {len(dims)}, "
+                                        f"the contract says {len(spec.shape)}")
         for dim, want in zip(dims, spec.shape):
             if isinstance(want, str):
                 dim.ClearField("dim_value")
                 dim.dim_param = want
             elif dim.HasField("dim_value") and dim.dim_value != want:
-                raise RuntimeError(f"{value.name}: size {dim.dim_value} != contract size {want}")
+                raise ExportValidationError(f"exported tensor {value.name!r} has size {dim.dim_value} "
+                                            f"where the contract says {want}")
 
 
 def _export(module: nn.Module, args: tuple, contract: GraphContract, dynamic_shapes, path: Path) -> Path:
@@ -101,6 +101,22 @@ def _export(module: nn.Module, args: tuple, contract: GraphContract, dynamic_sha
     return path
 
 
+@contextlib.contextmanager
+def _known_warnings_silenced() -> Iterator[None]:
+    """The exporter's notices that never concern v2t's graphs: it skips torchvision's operators
+    (not installed; v2t uses none) and trips over its own deprecated LeafSpec. Other warnings
+    still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 @torch.no_grad()
 def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> tuple[Path, Path]:
     """Write the frame encoder and the decoder graph into out_dir; returns their paths."""
@@ -108,15 +124,14 @@ def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> tuple[Path, Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
     cfg = model.cfg
-
-    enc_contract = encoder_contract(cfg)
-    frames = torch.randn(3, 3, cfg.img_size, cfg.img_size)
-    log.info("exporting the frame encoder")
-    encoder_path = _export(EncoderGraph(model).eval(), (frames,), enc_contract,
-                           _auto_dynamic_shapes(enc_contract, 1), out_dir / ENCODER_FILE)
-
-    dec_contract = decoder_contract(cfg)
-    log.info("exporting the decoder")
-    decoder_path = _export(DecoderGraph(model).eval(), _decoder_example(model), dec_contract,
-                           _auto_dynamic_shapes(dec_contract, 4), out_dir / DECODER_FILE)
-    return encoder_path, decoder_path
+    # Sizes of at least 2, all different, on every dynamic axis: torch.export specializes axes
+    # whose example size is 0 or 1, and could tie axes of equal size.
+    graphs = ((EncoderGraph(model), encoder_contract(cfg), {NUM_FRAMES: 3}, ENCODER_FILE),
+              (DecoderGraph(model), decoder_contract(cfg), decoder_sizes(2, 4, 3, 5), DECODER_FILE))
+    paths = []
+    with _known_warnings_silenced():
+        for module, contract, sizes, file in graphs:
+            log.info("exporting the %s", contract.name)
+            paths.append(_export(module.eval(), _example(contract, sizes, cfg.vocab_size), contract,
+                                 _auto_dynamic_shapes(contract), out_dir / file))
+    return paths[0], paths[1]

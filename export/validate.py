@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from v2t_engine.runtime.backends.ort import OrtBackend
+from v2t_engine.runtime.contract import DecoderInputs
 from v2t_engine.errors import ConfigError, ExportValidationError
 from v2t_engine.runtime.generator import generate_candidates
 from v2t_engine.runtime.search import SearchOptions
@@ -46,30 +47,43 @@ def _max_diff(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return diff, diff / scale
 
 
+def _ort_step(backend: OrtBackend, inputs: DecoderInputs, past: list[np.ndarray]
+              ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One decoder step into freshly allocated present arrays (the generator reuses buffers;
+    validation keeps every step's cache to compare it)."""
+    cfg = backend.config
+    B, total = inputs.attention_mask.shape
+    present = [np.empty((B, cfg.n_head, total, cfg.head_dim), np.float32) for _ in past]
+    return backend.decoder_step(inputs, past, present), present
+
+
+def _torch_step(model: VideoCaptioner, inputs: DecoderInputs, past) -> tuple[torch.Tensor, list]:
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.feeds().values()]
+    return model.transformer(*tensors, past, last_only=True)
+
+
 def _cache_diffs(ort_past: list[np.ndarray], torch_past) -> list[tuple[float, float]]:
     return [_max_diff(o, t.numpy()) for o, t in zip(ort_past, [x for kv in torch_past for x in kv])]
 
 
-def _compare_decoder(model: VideoCaptioner, backend: OrtBackend, prefix: torch.Tensor,
-                     gen: torch.Generator, n_steps: int) -> dict[str, tuple[float, float]]:
-    """The prefix step from an empty past, then token steps on the returned cache."""
+def _compare_decoder(model: VideoCaptioner, backend: OrtBackend, prefix: np.ndarray,
+                     rng: np.random.Generator, n_steps: int) -> dict[str, tuple[float, float]]:
+    """The prefix step from an empty past, then token steps on the returned cache, the same
+    inputs through both."""
     cfg = model.cfg
     B, Fr = prefix.shape[:2]
-    ids = torch.zeros(B, 0, dtype=torch.long)
-    positions = torch.arange(Fr).expand(B, Fr)
-    t_logits, t_past = model.transformer(ids, prefix, positions, torch.ones(B, Fr, dtype=torch.long),
-                                         None, last_only=True)
-    o_logits, o_past = backend.decode(ids.numpy(), prefix.numpy(), positions.numpy().copy(),
-                                      np.ones((B, Fr), np.int64), backend.empty_cache(B))
+    inputs = DecoderInputs.prefix_step(prefix)
+    t_logits, t_past = _torch_step(model, inputs, None)
+    empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), np.float32)
+    o_logits, o_past = _ort_step(backend, inputs, [empty] * (2 * cfg.n_layer))
     step_diffs = [_max_diff(o_logits, t_logits.numpy())]
     cache_diffs = _cache_diffs(o_past, t_past)
-    no_prefix = torch.zeros(B, 0, cfg.n_embd)
     for step in range(min(n_steps, cfg.text_len - 1)):
-        tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=gen)
-        pos = torch.full((B, 1), Fr + step, dtype=torch.long)
-        mask = torch.ones(B, Fr + step + 1, dtype=torch.long)
-        t_logits, t_past = model.transformer(tok, no_prefix, pos, mask, t_past, last_only=True)
-        o_logits, o_past = backend.decode(tok.numpy(), no_prefix.numpy(), pos.numpy(), mask.numpy(), o_past)
+        inputs = DecoderInputs.token_step(rng.integers(0, cfg.vocab_size, (B, 1)),
+                                          np.full((B, 1), Fr + step, np.int64),
+                                          np.ones((B, Fr + step + 1), np.int64), cfg.n_embd)
+        t_logits, t_past = _torch_step(model, inputs, t_past)
+        o_logits, o_past = _ort_step(backend, inputs, o_past)
         step_diffs.append(_max_diff(o_logits, t_logits.numpy()))
         cache_diffs += _cache_diffs(o_past, t_past)
     return {"decoder_logits": max(step_diffs, key=lambda d: d[1]),
@@ -107,9 +121,10 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
 
     frames = torch.randn(n_videos * cfg.frame_num, 3, cfg.img_size, cfg.img_size, generator=gen)
     ref = model.first_stage_model(frames)
-    worst = {"frame_encoder": _max_diff(backend.encode(frames.numpy()), ref.numpy())}
+    worst = {"frame_encoder": _max_diff(backend.encode_frames(frames.numpy()), ref.numpy())}
     # The decoder is compared on the PyTorch encoder's output, so its figures are its own error.
-    worst.update(_compare_decoder(model, backend, ref.view(n_videos, cfg.frame_num, -1), gen, n_steps))
+    worst.update(_compare_decoder(model, backend, ref.view(n_videos, cfg.frame_num, -1).numpy(),
+                                  np.random.default_rng(seed), n_steps))
     for name, (abs_diff, rel_diff) in worst.items():
         report[f"{name}_max_abs_diff"] = abs_diff
         log.info("validation: %s max abs diff %.3g (relative %.3g, tolerance %.1g)", name, abs_diff, rel_diff, tol)

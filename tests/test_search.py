@@ -67,19 +67,19 @@ class ScriptedBackend:
         self.first, self.after = first, after
         self.steps = 0
 
-    def encode(self, frames):
+    def encode_frames(self, frames):
         return np.repeat(frames[:, :1, 0, 0], 4, axis=1).astype(np.float32)
 
-    def decode_into(self, input_ids, prefix_embeds, position_ids, attention_mask, past, present):
+    def decoder_step(self, inputs, past, present):
         for p, q in zip(past, present):
             q[:, :, :p.shape[2]] = p
             q[:, :, p.shape[2]:] = 0
-        if prefix_embeds.shape[1]:
-            nxt = [self.first[int(v)] for v in prefix_embeds[:, -1, 0]]
+        if inputs.prefix_embeds.shape[1]:
+            nxt = [self.first[int(v)] for v in inputs.prefix_embeds[:, -1, 0]]
         else:
             self.steps += 1
-            nxt = [self.after[int(t)] for t in input_ids[:, 0]]
-        logits = np.zeros((input_ids.shape[0], self.config.vocab_size), np.float32)
+            nxt = [self.after[int(t)] for t in inputs.input_ids[:, 0]]
+        logits = np.zeros((inputs.input_ids.shape[0], self.config.vocab_size), np.float32)
         logits[np.arange(len(nxt)), nxt] = 1.0
         return logits
 

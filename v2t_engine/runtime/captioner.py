@@ -12,63 +12,26 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
-from ..errors import ArtifactError, ConfigError
-from .generator import generate_candidates, stream_captions
-from .manifest import Manifest, is_export_dir
-from .search import SearchOptions
+from ..errors import ConfigError
 from ..tokenizer import CaptionTokenizer
-
-BACKENDS = ("auto", "ort", "torch")
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
-                 threads: int | None = None) -> tuple[Backend, CaptionTokenizer]:
-    """An export directory runs on ONNX Runtime, a training checkpoint on PyTorch."""
-    path = Path(path)
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not a directory (expected an export or a checkpoint)")
-    if backend == "auto":
-        if is_export_dir(path):
-            backend = "ort"
-        elif _is_checkpoint_dir(path):
-            backend = "torch"
-        else:
-            raise ArtifactError(f"{path} holds neither an export (manifest.json) nor a training "
-                                "checkpoint (config.json + model.safetensors)")
-    if backend == "ort":
-        from .backends.ort import OrtBackend
-
-        if not is_export_dir(path):
-            raise ArtifactError(f"--backend ort needs an export directory; {path} has no manifest.json "
-                                f"(run `v2t export --checkpoint_dir {path} --output EXPORT_DIR`)")
-        ort_backend = OrtBackend(path, device=device, threads=threads)
-        return ort_backend, CaptionTokenizer.from_dir(path / ort_backend.manifest.tokenizer_file)
-    if not _is_checkpoint_dir(path):
-        raise ArtifactError(f"--backend torch needs a training checkpoint; {path} lacks "
-                            "config.json or model.safetensors")
-    from v2t_training.torch_backend import TorchBackend
-
-    torch_backend = TorchBackend(path, device=device, threads=threads)
-    return torch_backend, torch_backend.tokenizer
+from .backends import load_backend
+from .backends.base import Backend
+from .generator import generate_candidates, stream_captions
+from .search import SearchOptions
 
 
 class Captioner:
-    def __init__(self, backend: Backend, tokenizer: CaptionTokenizer):
+    def __init__(self, backend: Backend, tokenizer: CaptionTokenizer | None = None):
         self.backend = backend
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer or backend.tokenizer
         self.config = backend.config
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu",
              threads: int | None = None) -> "Captioner":
-        return cls(*load_backend(path, backend, device, threads))
+        """An export directory runs on ONNX Runtime, a training checkpoint on the PyTorch
+        reference (with the training extra installed); `backend` names one instead."""
+        return cls(load_backend(path, backend, device, threads))
 
     def max_new_tokens(self, text_len: int | None) -> int:
         """Caption length limit: the model's text_len unless a shorter one is asked for. Longer is

@@ -7,15 +7,18 @@ batch ends. The first caption token is predicted from the last frame position (n
 EASYNLP §5).
 
 Rows of one step have different past lengths: each row attends to its own columns of the shared
-cache only (``attention_mask``) and gets its own ``position_ids`` (kv_cache.py). A row's tokens
-therefore do not depend on what the other slots hold: greedy captions equal one-at-a-time
-decoding (tested). Sampling draws from one random stream per caption, keyed by the video's
-ordinal in the stream and the candidate number, so a seed gives the same samples whatever the
-number of slots.
+cache only (state.py), so a row's tokens do not depend on what the other slots hold: greedy
+captions equal one-at-a-time decoding (tested). Sampling draws from one random stream per
+caption, keyed by the video's ordinal and the candidate number, so a seed gives the same samples
+whatever the number of slots.
+
+``CaptionGenerator`` is pull-style (``add`` videos, ``generate_next_token`` until ``is_done``),
+so a caller that receives videos one at a time (a service) can feed the running batch;
+``stream_captions`` drives it over an iterable.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -23,14 +26,16 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
+from .contract import DecoderInputs
 from .kv_cache import SlotCache
 from .search import SearchOptions, select_tokens
+from .state import SlotState
 
 
 def encode_videos(backend: Backend, pixels: np.ndarray) -> np.ndarray:
     """pixels (B, F, 3, S, S) → prefix embeddings (B, F, E)."""
     B, F = pixels.shape[:2]
-    emb = backend.encode(np.ascontiguousarray(pixels.reshape(B * F, *pixels.shape[2:])))  # (B*F, E)
+    emb = backend.encode_frames(np.ascontiguousarray(pixels.reshape(B * F, *pixels.shape[2:])))  # (B*F, E)
     return emb.reshape(B, F, -1)
 
 
@@ -59,73 +64,80 @@ class _Video:
     remaining: int
 
 
-class _SlotPool:
-    def __init__(self, backend: Backend, opts: SearchOptions, max_new_tokens: int, slots: int,
-                 entropy: int):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+class CaptionGenerator:
+    """Captions for videos added while it runs.
+
+        gen = CaptionGenerator(backend, SearchOptions(), max_new_tokens=16, slots=8)
+        gen.add([(key, pixels)])            # pixels (F, 3, S, S), CLIP-normalized
+        while not gen.is_done():
+            for key, ids in gen.generate_next_token():  # ids (num_return, T), pad after the end
+                ...
+    """
+
+    def __init__(self, backend: Backend, opts: SearchOptions, max_new_tokens: int, slots: int = 8,
+                 seed: int | None = None):
         cfg = backend.config
-        self.backend, self.opts, self.max_new = backend, opts, max_new_tokens
-        self.pad = cfg.pad_id
-        self.entropy = entropy
-        self.n = 1 if opts.candidates_identical else opts.num_return  # slots per video
-        B = self.slots = max(slots, self.n)
-        self.frame_num = 0  # set with the cache, by the first videos
-        self.cache: SlotCache | None = None
-        self.start = np.zeros(B, np.int64)  # first cache column of each slot's video
-        self.live = np.zeros(B, bool)
-        self.n_tokens = np.zeros(B, np.int64)
-        self.tokens = np.full((B, max_new_tokens), self.pad, np.int64)
-        self.logits = np.zeros((B, cfg.vocab_size), np.float32)
-        self.owner: list[tuple[_Video, int] | None] = [None] * B  # (video, candidate number)
-        self.rngs: list[np.random.Generator | None] = [None] * B
+        self.backend, self.opts = backend, opts
+        self.per_video = 1 if opts.candidates_identical else opts.num_return  # slots per video
+        self.slots = max(slots, self.per_video)
+        self.state = SlotState(self.slots, max_new_tokens, cfg.pad_id)
+        self.cache: SlotCache | None = None  # allocated by the first videos (frame count)
+        self.frame_num = 0
+        self.logits = np.zeros((self.slots, cfg.vocab_size), np.float32)
+        self.owner: list[tuple[_Video, int] | None] = [None] * self.slots  # (video, candidate)
+        self.rngs: list[np.random.Generator | None] = [None] * self.slots
+        self.entropy = np.random.SeedSequence(seed).entropy
         self.videos_seen = 0
-        self.no_prefix = np.zeros((B, 0, cfg.n_embd), np.float32)
 
-    def run(self, videos: Iterator[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray]]:
-        exhausted = False
-        while True:
-            free = np.flatnonzero(~self.live)
-            wanted = refill_threshold(self.slots) if self.live.any() else 1
-            if not exhausted and len(free) >= max(wanted, self.n):
-                exhausted = not self._refill(videos, free)
-            if not self.live.any():
-                return
-            yield from self._select()
-            if self.live.any():
-                self._step()
+    def is_done(self) -> bool:
+        """No caption in progress."""
+        return not self.state.live.any()
 
-    def _refill(self, videos: Iterator[tuple[Any, np.ndarray]], free: np.ndarray) -> bool:
-        """Start the next videos in free slots; False once the input is exhausted."""
-        want = len(free) // self.n
-        batch = list(islice(videos, want))
-        if not batch:
-            return False
-        pixels = np.stack([p for _, p in batch])  # (k, F, 3, S, S)
+    def videos_wanted(self) -> int:
+        """How many videos to add now: as many as the free slots hold, once enough are free
+        (`refill_threshold`) or when nothing runs; else 0."""
+        free = len(self.state.free)
+        wanted = refill_threshold(self.slots) if not self.is_done() else 1
+        return free // self.per_video if free >= max(wanted, self.per_video) else 0
+
+    def add(self, videos: Sequence[tuple[Any, np.ndarray]]) -> None:
+        """Start captions for (key, pixels (F, 3, S, S)) in free slots: one prefill for all."""
+        if not videos:
+            return
+        free = self.state.free
+        if len(videos) * self.per_video > len(free):
+            raise ValueError(f"{len(videos)} videos need {len(videos) * self.per_video} slots, "
+                             f"{len(free)} are free")
+        pixels = np.stack([p for _, p in videos])  # (k, F, 3, S, S)
         if self.cache is None:
             self._allocate(pixels.shape[1])
         if pixels.shape[1] != self.frame_num:
             raise ValueError(f"videos have {pixels.shape[1]} frames, the first ones had {self.frame_num}")
         logits, kv = self._prefill(encode_videos(self.backend, pixels))  # (k, V), [(k, nh, F, hs)]
-        rows = free[:len(batch) * self.n]
-        source = np.repeat(np.arange(len(batch)), self.n)  # candidates of one video share its prefix
+        rows = free[:len(videos) * self.per_video]
+        source = np.repeat(np.arange(len(videos)), self.per_video)  # candidates share the prefix
         self.cache.write_rows(rows, source, kv)
-        self.start[rows] = self.cache.length - self.frame_num
-        self.n_tokens[rows] = 0
-        self.tokens[rows] = self.pad
+        self.state.begin(rows, self.cache.length - self.frame_num)
         self.logits[rows] = logits[source]
-        self.live[rows] = True
-        for (key, _), first in zip(batch, range(0, len(rows), self.n)):
-            video = _Video(key, np.full((self.n, self.max_new), self.pad, np.int64), self.n)
-            for c in range(self.n):
+        for (key, _), first in zip(videos, range(0, len(rows), self.per_video)):
+            video = _Video(key, np.full((self.per_video, self.state.max_new), self.state.pad, np.int64),
+                           self.per_video)
+            for c in range(self.per_video):
                 self.owner[rows[first + c]] = (video, c)
                 self.rngs[rows[first + c]] = self._stream(self.videos_seen, c)
             self.videos_seen += 1
-        return len(batch) == want
+
+    def generate_next_token(self) -> list[tuple[Any, np.ndarray]]:
+        """Choose every running caption's next token, then run the decoder step that scores the
+        one after; returns (key, token ids (n, T)) of the videos whose captions all ended."""
+        finished = self._select()
+        if not self.is_done():
+            self._step()
+        return finished
 
     def _allocate(self, frame_num: int) -> None:
         cfg = self.backend.config
-        span = frame_num + self.max_new
+        span = frame_num + self.state.max_new
         self.frame_num = frame_num
         self.cache = SlotCache(2 * cfg.n_layer, self.slots, cfg.n_head, cfg.head_dim,
                                span + cache_slack(span), length=frame_num)
@@ -135,9 +147,7 @@ class _SlotPool:
         cfg = self.backend.config
         empty = np.zeros((k, cfg.n_head, 0, cfg.head_dim), np.float32)
         kv = [np.empty((k, cfg.n_head, F, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
-        logits = self.backend.decode_into(
-            np.zeros((k, 0), np.int64), prefix.astype(np.float32, copy=False),
-            np.tile(np.arange(F, dtype=np.int64), (k, 1)), np.ones((k, F), np.int64), [empty] * len(kv), kv)
+        logits = self.backend.decoder_step(DecoderInputs.prefix_step(prefix), [empty] * len(kv), kv)
         return logits, kv
 
     def _stream(self, video: int, candidate: int) -> np.random.Generator | None:
@@ -152,37 +162,25 @@ class _SlotPool:
         # then do not depend on which slot or batch a caption ran in.
         return np.concatenate([select_tokens(self.logits[r:r + 1], self.opts, self.rngs[r]) for r in rows])
 
-    def _select(self) -> Iterator[tuple[Any, np.ndarray]]:
-        """Choose every live slot's next token; yield the videos whose captions all ended."""
-        rows = np.flatnonzero(self.live)
-        token = self._choose(rows)
-        self.tokens[rows, self.n_tokens[rows]] = token
-        self.n_tokens[rows] += 1
-        ended = rows[(token == self.pad) | (self.n_tokens[rows] == self.max_new)]
-        self.live[ended] = False
-        for r in ended:
+    def _select(self) -> list[tuple[Any, np.ndarray]]:
+        rows = np.flatnonzero(self.state.live)
+        finished = []
+        for r in self.state.record(rows, self._choose(rows)):
             video, c = self.owner[r]
-            video.candidates[c] = self.tokens[r]
+            video.candidates[c] = self.state.tokens[r]
             video.remaining -= 1
             if video.remaining == 0:
-                yield video.key, video.candidates
+                finished.append((video.key, video.candidates))
+        return finished
 
     def _step(self) -> None:
-        """One token for every slot; free slots compute a throwaway [PAD] at position 0."""
-        live = self.live
+        """One token for every slot."""
         if self.cache.length + 1 > self.cache.capacity:
-            first = int(self.start[live].min())
+            first = self.state.first_live_column()
             self.cache.compact(first)
-            self.start -= first
-        S = self.cache.length
-        self.start[~live] = S  # a free slot sees only its own new column
-        rows = np.arange(self.slots)
-        last = self.tokens[rows, np.maximum(self.n_tokens - 1, 0)]
-        input_ids = np.where(live, last, self.pad)[:, None]  # (B, 1)
-        position_ids = (S - self.start)[:, None]  # (B, 1)
-        attention_mask = (np.arange(S + 1)[None, :] >= self.start[:, None]).astype(np.int64)  # (B, S+1)
-        self.logits = self.backend.decode_into(input_ids, self.no_prefix, position_ids, attention_mask,
-                                               self.cache.past(), self.cache.next_present())
+            self.state.drop_columns(first)
+        inputs = self.state.step_inputs(self.cache.length, self.backend.config.n_embd)
+        self.logits = self.backend.decoder_step(inputs, self.cache.past(), self.cache.next_present())
         self.cache.advance()
 
 
@@ -192,9 +190,18 @@ def stream_captions(backend: Backend, videos: Iterable[tuple[Any, np.ndarray]], 
     """(key, pixels (F, 3, S, S) CLIP-normalized) pairs → (key, token ids (num_return, T)) in the
     order captions finish, pad_id after each caption's end. Videos are read only as slots free up,
     so a lazy iterable keeps memory flat. ``seed`` keys the sampling streams (None: fresh)."""
-    entropy = np.random.SeedSequence(seed).entropy
-    pool = _SlotPool(backend, opts, max_new_tokens, slots, entropy)
-    return pool.run(iter(videos))
+    gen = CaptionGenerator(backend, opts, max_new_tokens, slots, seed)
+    pending = iter(videos)
+    exhausted = False
+    while True:
+        wanted = 0 if exhausted else gen.videos_wanted()
+        if wanted:
+            batch = list(islice(pending, wanted))
+            exhausted = not batch
+            gen.add(batch)
+        if gen.is_done():
+            return
+        yield from gen.generate_next_token()
 
 
 def generate_candidates(backend: Backend, pixels: np.ndarray, opts: SearchOptions,
@@ -208,3 +215,4 @@ def generate_candidates(backend: Backend, pixels: np.ndarray, opts: SearchOption
                                          slots=max(1, B * n), seed=seed):
         out[i] = candidates  # greedy: the one caption broadcasts to every candidate
     return out
+

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from .contract import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, decoder_contract, encoder_contract
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
 
 FORMAT = "v2t-onnx"
@@ -41,8 +41,9 @@ class Manifest:
             "source_checkpoint": self.source,
             "model_config": cfg.to_dict(),
             "graphs": {
-                "frame_encoder": {"file": self.encoder_file, **encoder_contract(cfg).to_dict()},
-                "decoder": {"file": self.decoder_file, **decoder_contract(cfg).to_dict()},
+                contract.name: {"file": file, **contract.to_dict()}
+                for contract, file in ((encoder_contract(cfg), self.encoder_file),
+                                       (decoder_contract(cfg), self.decoder_file))
             },
             "preprocessing": {
                 "img_size": cfg.img_size, "frame_num": cfg.frame_num,
@@ -76,13 +77,22 @@ class Manifest:
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{path}: unsupported format {data.get('format')!r} "
                                 f"version {data.get('format_version')!r}; re-export with this v2t")
-        manifest = cls(
-            config=ModelConfig.from_dict(data["model_config"]), opset=data["opset"],
-            precision=data.get("precision", "fp32"),
-            encoder_file=data["graphs"]["frame_encoder"]["file"],
-            decoder_file=data["graphs"]["decoder"]["file"],
-            tokenizer_file=data["tokenizer"], validation=data.get("validation", {}),
-            source=data.get("source_checkpoint", ""))
+        try:
+            config = ModelConfig.from_dict(data["model_config"])
+            graphs = data["graphs"]
+            for contract in (encoder_contract(config), decoder_contract(config)):
+                declared = {k: graphs[contract.name][k] for k in ("inputs", "outputs")}
+                if declared != contract.to_dict():
+                    raise ArtifactError(f"{path}: the {contract.name} graph's declared inputs and outputs "
+                                        "differ from this v2t's contract; re-export with this v2t")
+            manifest = cls(config=config, opset=data["opset"], precision=data.get("precision", "fp32"),
+                           encoder_file=graphs["frame_encoder"]["file"], decoder_file=graphs["decoder"]["file"],
+                           tokenizer_file=data["tokenizer"], validation=data.get("validation", {}),
+                           source=data.get("source_checkpoint", ""))
+        except KeyError as err:
+            raise ArtifactError(f"{path} lacks the entry {err}; re-export with this v2t") from None
+        except ConfigError as err:
+            raise ArtifactError(f"{path}: {err}") from None
         for name in (manifest.encoder_file, manifest.decoder_file, manifest.tokenizer_file):
             if not (directory / name).is_file():
                 raise ArtifactError(f"{directory / name} is missing (listed in {path})")

@@ -1,0 +1,58 @@
+"""Backends by name. Each registers itself as an entry point of the ``v2t.backends`` group
+(pyproject.toml), so the PyTorch reference backend lives with the training stage and this
+package never imports it: it is loaded only when chosen, and only where torch is installed."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from ...errors import ArtifactError, ConfigError, MissingDependencyError
+from .base import Backend
+
+GROUP = "v2t.backends"
+# What each backend needs beyond the core install.
+_INSTALL = {"torch": "pip install torch==2.13.0 && pip install 'v2t[train]'"}
+# `auto` tries these first, in this order: the production runtime before the reference.
+_PREFERRED = ("ort", "torch")
+
+
+def backend_names() -> list[str]:
+    names = {ep.name for ep in entry_points(group=GROUP)}
+    return [n for n in _PREFERRED if n in names] + sorted(names - set(_PREFERRED))
+
+
+def backend_class(name: str) -> type[Backend]:
+    found = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if name not in found:
+        raise ConfigError(f"unknown backend {name!r}; installed: {', '.join(backend_names())}")
+    try:
+        return found[name].load()
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"the {name} backend needs {err.name}, which is not installed: "
+            f"{_INSTALL.get(name, 'pip install v2t')}") from None
+
+
+def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
+                 threads: int | None = None) -> Backend:
+    """The backend `backend` over `path`; with ``auto``, the first backend that accepts it (an
+    export directory runs on ONNX Runtime, a training checkpoint on PyTorch)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory (expected an export or a checkpoint)")
+    if backend != "auto":
+        cls = backend_class(backend)
+        if not cls.accepts(path):
+            raise ArtifactError(f"--backend {backend} loads {cls.loads}; {path} is not one")
+        return cls(path, device=device, threads=threads)
+    tried, missing = [], []
+    for name in backend_names():
+        try:
+            cls = backend_class(name)
+        except MissingDependencyError as err:
+            missing.append(str(err))  # a backend that cannot load here cannot claim the directory
+            continue
+        if cls.accepts(path):
+            return cls(path, device=device, threads=threads)
+        tried.append(cls.loads)
+    raise ArtifactError(f"{path} is none of: {'; '.join(tried)}" + "".join(f" ({m})" for m in missing))

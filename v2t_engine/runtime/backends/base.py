@@ -1,32 +1,38 @@
-"""What the generator needs from a backend. Backends own their sessions; the KV cache the
-generator drives is numpy arrays in contract order (``past_key_values.{i}.key|value``)."""
+"""What the generator needs from a backend, and how backends are found.
+
+A backend runs the two graphs of the contract (contract.py): the frame encoder, and one decoder
+step that reads the KV cache from the caller's ``past`` arrays and writes the extended cache into
+the caller's ``present`` arrays (kv_cache.py owns those buffers). Everything else (search, the
+generator, detokenizing) is shared by all backends.
+"""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from ...config import ModelConfig
+from ...tokenizer import CaptionTokenizer
+from ..contract import DecoderInputs
 
 
 class Backend(Protocol):
-    name: str
+    name: ClassVar[str]
+    loads: ClassVar[str]  # what `accepts`, for messages: "an export directory (manifest.json) ..."
     config: ModelConfig
+    tokenizer: CaptionTokenizer
 
-    def encode(self, frames: np.ndarray) -> np.ndarray:
-        """frames (N, 3, S, S) float32, CLIP-normalized → (N, n_embd) float32."""
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        """True when `path` holds what this backend loads (its `auto` choice)."""
 
-    def empty_cache(self, batch: int) -> Any:
-        """The KV cache before the prefix step (past length 0)."""
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """frames (N, 3, S, S) float32, CLIP-normalized → embeddings (N, n_embd) float32."""
 
-    def decode(self, input_ids: np.ndarray, prefix_embeds: np.ndarray, position_ids: np.ndarray,
-               attention_mask: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
-        """One decoder step (see contract.py) → last-position logits (B, V) float32 and the cache
-        extended by this step, newly allocated (validation and the reference use it)."""
-
-    def decode_into(self, input_ids: np.ndarray, prefix_embeds: np.ndarray, position_ids: np.ndarray,
-                    attention_mask: np.ndarray, past: list[np.ndarray],
-                    present: list[np.ndarray]) -> np.ndarray:
-        """One decoder step writing the extended cache into the caller's ``present`` arrays
-        (float32, C-contiguous, (B, nh, S, hs) in contract order) → logits (B, V). The generator
-        uses it so the cache lives in preallocated buffers (kv_cache.py)."""
+    def decoder_step(self, inputs: DecoderInputs, past: Sequence[np.ndarray],
+                     present: Sequence[np.ndarray]) -> np.ndarray:
+        """One decoder step → last-position logits (B, V) float32. ``past``: (B, nh, S, hs) per
+        cache tensor, in contract order; ``present``: float32 C-contiguous arrays of
+        (B, nh, S + step_len, hs) that receive the extended cache."""

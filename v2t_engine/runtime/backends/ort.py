@@ -1,18 +1,22 @@
 """ONNX Runtime backend over an export directory."""
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..contract import past_names, present_names
+from ...concurrency import available_cores
 from ...errors import ConfigError
-from ..manifest import Manifest
+from ...tokenizer import CaptionTokenizer
+from ..contract import (LOGITS, DecoderInputs, GraphContract, decoder_contract, encoder_contract, past_names,
+                        present_names)
+from ..manifest import Manifest, is_export_dir
 
-# Cache as the graph returns it: present.{i}.key|value in layer order, each (B, nh, S, hs).
-OrtCache = list[np.ndarray]
+# ONNX element types as ORT reports them → numpy dtype names (the contract's spelling).
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
+               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -20,7 +24,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One intra-op pool sized to the cores; inter-op parallelism buys nothing for these
     # sequential transformer graphs.
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or available_cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return opts
@@ -38,59 +42,61 @@ def providers_for(device: str) -> list[str]:
     raise ConfigError(f"unknown device {device!r}; use cpu or cuda")
 
 
+def open_session(path: Path, contract: GraphContract, opts: ort.SessionOptions,
+                 providers: list[str]) -> ort.InferenceSession:
+    """An InferenceSession whose inputs and outputs are checked against the contract: a graph
+    from another export or version fails here, naming the tensor, not deep inside a run."""
+    session = ort.InferenceSession(str(path), opts, providers=providers)
+
+    def declared(args):
+        return [(a.name, _ORT_DTYPES.get(a.type, a.type), a.shape) for a in args]
+
+    contract.check(declared(session.get_inputs()), declared(session.get_outputs()), str(path))
+    return session
+
+
 class OrtBackend:
     name = "ort"
+    loads = "an export directory (manifest.json; made by `v2t export`)"
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None):
         self.export_dir = Path(export_dir)
         self.manifest = Manifest.load(self.export_dir)
-        self.config = self.manifest.config
-        opts = session_options(threads)
-        providers = providers_for(device)
-        self.encoder = ort.InferenceSession(str(self.export_dir / self.manifest.encoder_file), opts,
-                                            providers=providers)
-        self.decoder = ort.InferenceSession(str(self.export_dir / self.manifest.decoder_file), opts,
-                                            providers=providers)
-        self._past_names = past_names(self.config.n_layer)
-        self._present_names = present_names(self.config.n_layer)
-        # The encoder runs on however many videos the generator is refilling (a quarter of the
-        # slots, or all of them, or the table's last few), and ORT's arena keeps every chunk it
-        # ever grew for those shapes: peak RSS of `v2t predict` rose 59% on a 10x longer table
-        # (benchmarks/bench_predict.py, full-size int8). Shrinking the arena after each encoder
-        # run hands the chunks back, which costs little beside a ViT forward; the decoder's arena
-        # is left alone, its per-token runs are where allocation speed matters.
+        self.config = cfg = self.manifest.config
+        self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / self.manifest.tokenizer_file)
+        opts, providers = session_options(threads), providers_for(device)
+        self.encoder = open_session(self.export_dir / self.manifest.encoder_file, encoder_contract(cfg),
+                                    opts, providers)
+        self.decoder = open_session(self.export_dir / self.manifest.decoder_file, decoder_contract(cfg),
+                                    opts, providers)
+        (self._encoder_input,) = encoder_contract(cfg).input_names
+        self._past_names, self._present_names = past_names(cfg.n_layer), present_names(cfg.n_layer)
+        # The encoder runs on however many videos the generator is refilling, and ORT's arena
+        # keeps every chunk it ever grew for those shapes, so the peak RSS of `v2t predict` grew
+        # with the length of the table (README, "Full-size results"). Shrinking the arena after
+        # each encoder run hands the chunks back, which costs little beside a ViT forward; the
+        # decoder's arena is left alone, its per-token runs are where allocation speed matters.
         self._encoder_run = ort.RunOptions()
         self._encoder_run.add_run_config_entry("memory.enable_memory_arena_shrinkage",
                                                "cpu:0;gpu:0" if device == "cuda" else "cpu:0")
 
-    def encode(self, frames: np.ndarray) -> np.ndarray:
-        return self.encoder.run(None, {"frames": frames.astype(np.float32, copy=False)},
-                                self._encoder_run)[0]
+    @classmethod
+    def accepts(cls, path: Path) -> bool:
+        return is_export_dir(path)
 
-    def empty_cache(self, batch: int) -> OrtCache:
-        cfg = self.config
-        empty = np.zeros((batch, cfg.n_head, 0, cfg.head_dim), np.float32)
-        return [empty] * len(self._past_names)
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        feed = {self._encoder_input: frames.astype(np.float32, copy=False)}
+        return self.encoder.run(None, feed, self._encoder_run)[0]
 
-    def decode(self, input_ids, prefix_embeds, position_ids, attention_mask, cache: OrtCache):
-        cfg = self.config
-        shape = (attention_mask.shape[0], cfg.n_head, attention_mask.shape[1], cfg.head_dim)
-        present = [np.empty(shape, np.float32) for _ in self._present_names]
-        logits = self.decode_into(input_ids, prefix_embeds, position_ids, attention_mask, cache, present)
-        return logits, present
-
-    def decode_into(self, input_ids, prefix_embeds, position_ids, attention_mask,
-                    past: list[np.ndarray], present: list[np.ndarray]) -> np.ndarray:
+    def decoder_step(self, inputs: DecoderInputs, past: Sequence[np.ndarray],
+                     present: Sequence[np.ndarray]) -> np.ndarray:
         # IOBinding over the caller's numpy memory: the graph reads the past and writes the
         # present in place, where session.run would hand back freshly allocated outputs.
         binding = self.decoder.io_binding()
-        feed = {"input_ids": input_ids, "prefix_embeds": prefix_embeds,
-                "position_ids": position_ids, "attention_mask": attention_mask}
-        feed.update(zip(self._past_names, past))
-        for name, array in feed.items():
+        for name, array in (*inputs.feeds().items(), *zip(self._past_names, past)):
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        logits = np.empty((input_ids.shape[0], self.config.vocab_size), np.float32)
-        for name, array in (("logits", logits), *zip(self._present_names, present)):
+        logits = np.empty((inputs.input_ids.shape[0], self.config.vocab_size), np.float32)
+        for name, array in ((LOGITS, logits), *zip(self._present_names, present)):
             _bind_output(binding, name, array)
         self.decoder.run_with_iobinding(binding)
         return logits
