@@ -1,7 +1,6 @@
 """train → export → predict on synthetic clips, through the CLI. Accuracy needs the trained
 recipe (slow); everything else runs on the random-weight export (conftest.py)."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from v2t_engine.errors import RowError, TableError
-from v2t_engine.jobs.metrics import (MissingDependencyError, caption_metrics, format_metrics,
+from v2t_engine.errors import MissingDependencyError
+from v2t_engine.jobs.metrics import (caption_metrics, format_metrics,
                                 read_predictions, read_references)
 
 needs_eval = pytest.mark.skipif(

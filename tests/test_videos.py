@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import TEST_SCHEMA, run_cli
 from v2t_engine.video import decode as videos
 from v2t_engine.errors import RowError
-from v2t_engine.jobs.make_table import VideoRows, ordered_map, read_captions
+from v2t_engine.jobs.make_table import read_captions
+from v2t_engine.video.rows import VideoRows, ordered_map
 from v2t_engine.video.inputs import VideoInput, iter_inputs
 from v2t_engine.video.decode import (FrameOptions, FramePicker, Sampling, frame_indices, frames_or_failure,
                                target_times)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from ..errors import ConfigError, RowError, TableError
 
+# EasyNLP's column names: the row id, and the defaults of --first_sequence and --second_sequence.
+IDX_COLUMN = "idx"
+FRAMES_COLUMN = "imgbase64"
+TEXT_COLUMN = "text"
 # The types EasyNLP's schemas use. v2t keeps every field as text; the type is only validated.
 _SCHEMA_TYPES = ("str", "int", "float")
 _BOM = b"\xef\xbb\xbf"
@@ -85,7 +89,7 @@ class TableRow:
 
     @property
     def idx(self) -> str | None:
-        return self.fields.get("idx")
+        return self.fields.get(IDX_COLUMN)
 
 
 def iter_tables(spec: str) -> list[str]:
@@ -138,7 +142,7 @@ def parse_line(raw: bytes, line_no: int, schema: InputSchema) -> TableRow | RowE
         raw = raw.removeprefix(_BOM)
     raw = raw.rstrip(b"\n").removesuffix(b"\r")
     names = schema.names
-    idx_pos = names.index("idx") if "idx" in names else None
+    idx_pos = names.index(IDX_COLUMN) if IDX_COLUMN in names else None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -6,6 +6,7 @@ keeps what it finished) and the file is renamed onto ``<outputs>`` only when the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -69,3 +70,60 @@ class ErrorReport:
             self._file.close()
         elif self.path.exists():
             self.path.unlink()  # a stale report from an earlier run would mislead
+
+
+# Exit status of a job that finished with some inputs left out (listed in its error report).
+EXIT_SOME_FAILED = 3
+
+
+@dataclass
+class TableReport:
+    """What a job that writes a table and an error report did."""
+
+    outputs: str
+    written: int = 0  # rows written to the table
+    failed: int = 0  # inputs in the error report
+    errors_path: str | None = None  # the error report, when there are failures
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.failed else 0
+
+
+class TableOutput:
+    """A job's output table and its error report together: rows to ``OUTPUTS.partial``, failures
+    to ``OUTPUTS.errors.tsv``; `commit` publishes both, `discard` leaves nothing, and an
+    interruption keeps the finished rows in ``OUTPUTS.partial``."""
+
+    def __init__(self, report: TableReport):
+        self.report = report
+        self._rows = AtomicTableWriter(report.outputs)
+        self._errors = ErrorReport(report.outputs)
+
+    def __enter__(self) -> "TableOutput":
+        self._rows.__enter__()
+        return self
+
+    def write_row(self, fields: list[str]) -> None:
+        self._rows.write_row(fields)
+        self.report.written += 1
+
+    def add_error(self, line_no: int, idx: str | None, reason: str) -> None:
+        self._errors.add(line_no, idx, reason)
+        self.report.failed += 1
+
+    def flush(self) -> None:
+        self._rows.flush()
+
+    def commit(self) -> None:
+        self._errors.close()
+        self._rows.commit()
+        self.report.errors_path = str(self._errors.path) if self.report.failed else None
+
+    def discard(self) -> None:
+        self._rows.discard()
+        self._errors.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self._rows.__exit__(*exc_info)
+        self._errors.close()

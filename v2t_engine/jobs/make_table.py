@@ -1,171 +1,28 @@
-"""Videos → EasyNLP table rows, decoded in worker processes: `v2t make-table` writes them, and
-`v2t predict --videos` captions the very same rows without writing them (so both give the same
-captions by construction: one function makes the frames field, and the normal frame decoding
-reads it either way).
-"""
+"""`v2t make-table`: videos → an EasyNLP table (idx, frames[, caption]), written atomically, with
+every input that fails in the error report. The rows come from video/rows.py, the same rows
+`v2t predict --videos` captions."""
 from __future__ import annotations
 
-import json
 import logging
-import multiprocessing
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, RowError
-from ..inputs.tables import TableRow
-from ..video.inputs import VideoInput, iter_inputs, printable
-from ..video.decode import EncodedFrames, Failure, FrameOptions, frames_or_failure
-from ..inputs.writer import AtomicTableWriter, ErrorReport
+from ..inputs.tables import FRAMES_COLUMN, TableRow
+from ..inputs.writer import TableOutput, TableReport
+from ..video.decode import FrameOptions
+from ..video.rows import VideoRows
 
 log = logging.getLogger(__name__)
 
-EXIT_SOME_FAILED = 3  # as `v2t predict`: the job finished, some inputs are in the error report
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker processes
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    """forkserver where there is one: workers start from a clean process, never from a fork of
-    a parent that already runs ONNX Runtime threads (forking threads can deadlock); the
-    preloaded modules make each start cheap."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["av", "PIL.Image", "v2t_engine.video.decode"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-class _Pools:
-    """A pool of `workers` processes, plus a one-process pool to retry alone the inputs that were
-    in flight when a worker died (a native crash in a decoder, or a kill for memory): only the
-    input that kills a process on its own is blamed."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.main = self._new(workers)
-        self.solo: ProcessPoolExecutor | None = None
-
-    @staticmethod
-    def _new(workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=_context())
-
-    def submit(self, fn: Callable, item) -> tuple[ProcessPoolExecutor, Future]:
-        try:
-            return self.main, self.main.submit(fn, item)
-        except BrokenProcessPool:
-            self._replace(self.main)
-            return self.main, self.main.submit(fn, item)
-
-    def result(self, pool: ProcessPoolExecutor, future: Future, fn: Callable, item, on_crash: Callable):
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self._replace(pool)
-            return self._alone(fn, item, on_crash)
-
-    def _alone(self, fn: Callable, item, on_crash: Callable):
-        self.solo = self.solo or self._new(1)
-        try:
-            return self.solo.submit(fn, item).result()
-        except BrokenProcessPool:
-            self.solo.shutdown(wait=False)
-            self.solo = None
-            return on_crash(item)
-
-    def _replace(self, pool: ProcessPoolExecutor) -> None:
-        if pool is self.main:
-            pool.shutdown(wait=False, cancel_futures=True)
-            self.main = self._new(self.workers)
-
-    def close(self) -> None:
-        for pool in (self.main, self.solo):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-
-def ordered_map(fn: Callable, items: Iterable, workers: int, on_crash: Callable,
-                window: int | None = None) -> Iterator[tuple]:
-    """(item, fn(item)) for every item, computed in `workers` processes and yielded in input
-    order. At most `window` items are in flight, so a list of a million files is read as it is
-    consumed and memory stays flat. `fn` must be picklable and should not raise; an item whose
-    worker dies gets `on_crash(item)` as its result."""
-    window = window or 4 * workers
-    pools = _Pools(workers)
-    pending: deque = deque()
-    try:
-        for item in items:
-            pending.append((item, *pools.submit(fn, item)))
-            if len(pending) >= window:
-                item, pool, future = pending.popleft()
-                yield item, pools.result(pool, future, fn, item, on_crash)
-        while pending:
-            item, pool, future = pending.popleft()
-            yield item, pools.result(pool, future, fn, item, on_crash)
-    finally:
-        pools.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Rows
-
-
-def _crashed(item: VideoInput) -> Failure:
-    return Failure("the decoding process died on this file (a crash in FFmpeg, or out of memory)")
-
-
-class VideoRows:
-    """The rows `--videos` gives, in input order: a TableRow (``idx`` and the frames column, a
-    JSON list of base64 images, as a table holds it) or a RowError (line = the input's position,
-    idx, and the reason naming the file). Iterate once."""
-
-    def __init__(self, spec: str, opts: FrameOptions, column: str = "imgbase64", workers: int = 2,
-                 idx_style: str = "path"):
-        self.inputs = iter_inputs(spec, idx_style)  # checks the arguments now, not at first next()
-        self.opts = opts
-        self.column = column
-        self.workers = workers
-        self.short = 0  # videos with fewer frames than asked for
-
-    def __iter__(self) -> Iterator[TableRow | RowError]:
-        work = partial(frames_or_failure, opts=self.opts)
-        for item, result in ordered_map(work, self.inputs, self.workers, _crashed):
-            yield self._row(item, result)
-        if self.short:
-            log.warning("%d videos had fewer than %d frames: some of their frames repeat",
-                        self.short, self.opts.count)
-
-    def _row(self, item: VideoInput, result: EncodedFrames | Failure) -> TableRow | RowError:
-        if isinstance(result, Failure):
-            where = "" if item.path == item.idx else f"{printable(item.path)}: "
-            return RowError(item.ordinal, item.idx, where + result.reason)
-        count = self.opts.count
-        self.short += count is not None and result.available < count
-        frames = json.dumps(result.frames, separators=(",", ":"))
-        return TableRow(item.ordinal, {"idx": item.idx, self.column: frames})
-
-
-# ---------------------------------------------------------------------------------------------
-# v2t make-table
-
 
 @dataclass
-class MakeTableReport:
-    outputs: str
-    rows: int = 0
+class MakeTableReport(TableReport):
     videos_ok: int = 0
-    failed: int = 0
-    errors_path: str | None = None
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
+    def summary(self) -> str:
+        return f"wrote {self.written} rows for {self.videos_ok} videos into {self.outputs}"
 
 
 def read_captions(path: str | Path) -> dict[str, list[str]]:
@@ -196,8 +53,7 @@ def make_table(spec: str, outputs: str, opts: FrameOptions, captions_path: str |
     captions = read_captions(captions_path) if captions_path else None
     rows = VideoRows(spec, opts, workers=workers, idx_style=idx_style)
     report = MakeTableReport(outputs=outputs)
-    errors = ErrorReport(outputs)
-    with AtomicTableWriter(outputs) as writer:
+    with TableOutput(report) as out:
         for row in rows:
             texts = [None]
             if isinstance(row, TableRow) and captions is not None:
@@ -206,16 +62,12 @@ def make_table(spec: str, outputs: str, opts: FrameOptions, captions_path: str |
                     row = RowError(row.line_no, row.idx, f"no caption for it in {captions_path}")
             if isinstance(row, RowError):
                 log.error("skipping %s", row)
-                errors.add(row.line_no, row.idx, row.reason)
-                report.failed += 1
+                out.add_error(row.line_no, row.idx, row.reason)
             else:
                 for text in texts:
-                    writer.write_row([row.idx, row.fields["imgbase64"], *([text] if text is not None else [])])
-                report.rows += len(texts)
+                    out.write_row([row.idx, row.fields[FRAMES_COLUMN], *([text] if text is not None else [])])
                 report.videos_ok += 1
             if progress is not None:
                 progress(1)
-        errors.close()
-        writer.commit()
-    report.errors_path = str(errors.path) if report.failed else None
+        out.commit()
     return report

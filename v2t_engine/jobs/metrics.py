@@ -16,13 +16,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import ConfigError, RowError, TableError
+from ..errors import RowError, TableError, import_optional
 
-EVAL_HINT = "install the evaluation extras: pip install 'v2t[eval]'"
-
-
-class MissingDependencyError(ConfigError, ImportError):
-    """An optional package is not installed; also an ImportError for callers that expect one."""
+EVAL_INSTALL = "pip install 'v2t[eval]'"
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -97,11 +93,8 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     """
     if not references:
         raise TableError("no references to score against")
-    try:
-        import sacrebleu
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError as e:
-        raise MissingDependencyError(f"caption metrics need sacrebleu and pycocoevalcap ({e.name} is missing): {EVAL_HINT}") from e
+    sacrebleu = import_optional("sacrebleu", "caption metrics", EVAL_INSTALL)
+    Cider = import_optional("pycocoevalcap.cider.cider", "caption metrics", EVAL_INSTALL).Cider
 
     ids = sorted(references)
     missing = [i for i in ids if i not in predictions]

@@ -1,31 +1,34 @@
-"""`v2t predict` over tables: stream rows, decode frames in a thread pool ahead of the model,
-caption with continuous batching, write ``idx \\t gen_text`` rows in input order, and report bad
-rows without stopping."""
+"""`v2t predict` over tables or videos: stream rows, decode frames in a thread pool ahead of the
+model, caption with continuous batching, write ``idx \\t gen_text`` rows in input order, and
+report bad rows without stopping."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..runtime.captioner import Captioner
-from ..errors import ConfigError, RowError
+from ..config import ModelConfig
+from ..concurrency import map_ahead
+from ..errors import ConfigError, RowError, V2TError
 from ..inputs.frames import FrameSource, row_frames_or_error
 from ..inputs.preprocess import normalize
+from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines, read_table
+from ..inputs.writer import TableOutput, TableReport
+from ..params import get_bool, get_int
+from ..runtime.captioner import Captioner
 from ..runtime.search import SearchOptions
-from ..inputs.tables import InputSchema, TableRow, read_table
-from ..inputs.writer import AtomicTableWriter, ErrorReport
 
 log = logging.getLogger(__name__)
 
 GEN_TEXT = "gen_text"
-# Exit status of `v2t predict` when the job finished but some rows were left out.
-EXIT_SOME_ROWS_FAILED = 3
+# The --user_defined_parameters keys predict reads (EasyNLP's names).
+PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len",
+                  "enable_img_path", "img_root_dir")
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,15 @@ class PredictOptions:
     tables: tuple[str, ...]
     outputs: str
     input_schema: InputSchema
-    first_sequence: str = "imgbase64"
-    output_schema: tuple[str, ...] = ("idx", GEN_TEXT)
+    first_sequence: str = FRAMES_COLUMN
+    output_schema: tuple[str, ...] = (IDX_COLUMN, GEN_TEXT)
     append_cols: tuple[str, ...] = ()
     micro_batch_size: int = 8
     frame_num: int | None = None  # None: the model's
     text_len: int | None = None  # None: the model's
+    # EasyNLP's image geometry, when given: it must be the model's (checked when the job starts).
+    img_size: int | None = None
+    img_len: int | None = None
     search: SearchOptions = field(default_factory=SearchOptions)
     on_error: str = "skip"  # skip: report and go on; fail: stop at the first bad row
     frame_source: FrameSource = field(default_factory=FrameSource)
@@ -47,6 +53,8 @@ class PredictOptions:
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
             raise ConfigError(f"on_error must be skip or fail, got {self.on_error!r}")
+        if self.micro_batch_size < 1 or self.workers < 1:
+            raise ConfigError("micro_batch_size and workers must be at least 1")
         names = set(self.input_schema.names)
         self.input_schema.position(self.first_sequence)  # raises naming the column
         for col in (*self.output_schema, *self.append_cols):
@@ -54,18 +62,44 @@ class PredictOptions:
                 raise ConfigError(f"output column {col!r} is neither {GEN_TEXT} nor an input column "
                                   f"({', '.join(self.input_schema.names)})")
 
+    @classmethod
+    def from_user_parameters(cls, params: Mapping[str, str], search: SearchOptions = SearchOptions(),
+                             **fields) -> "PredictOptions":
+        """Options with EasyNLP's ``--user_defined_parameters`` (PREDICT_PARAMS) applied:
+        frame_num, text_len, img_size, img_len, max_generated_num (the search's num_return),
+        enable_img_path and img_root_dir (the frame source)."""
+        unknown = sorted(set(params) - set(PREDICT_PARAMS))
+        if unknown:
+            raise ConfigError(f"user_defined_parameters: unknown key(s) {', '.join(unknown)}; "
+                              f"known keys: {', '.join(PREDICT_PARAMS)}")
+        ints = {k: get_int(params, k) for k in ("frame_num", "text_len", "img_size", "img_len")}
+        search = dataclasses.replace(search, num_return=get_int(params, "max_generated_num", search.num_return))
+        source = FrameSource(enable_img_path=get_bool(params, "enable_img_path", False),
+                             img_root_dir=params.get("img_root_dir"))
+        return cls(**ints, search=search, frame_source=source, **fields)
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """ConfigError when the options contradict the model they will run."""
+        for key, want in (("img_size", cfg.img_size), ("img_len", cfg.img_len)):
+            given = getattr(self, key)
+            if given is not None and given != want:
+                raise ConfigError(f"user_defined_parameters: {key}={given} but the model was built "
+                                  f"with {key}={want}")
+        if self.frame_num is not None and self.frame_num != cfg.frame_num:
+            log.warning("frame_num=%d differs from the %d frames the model was trained on",
+                        self.frame_num, cfg.frame_num)
+
 
 @dataclass
-class PredictReport:
-    rows_ok: int = 0
-    rows_failed: int = 0
+class PredictReport(TableReport):
     rows_padded: int = 0
-    outputs: str = ""
-    errors_path: str | None = None
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_ROWS_FAILED if self.rows_failed else 0
+    def summary(self) -> str:
+        return f"captioned {self.written} rows into {self.outputs}"
+
+
+class StoppedAtBadRow(V2TError):
+    """--on_error fail met a bad row: the job stopped and wrote nothing."""
 
 
 @dataclass
@@ -74,23 +108,6 @@ class _Decoded:
     pixels: np.ndarray | None = None  # uint8 (F, 3, S, S)
     padded: int = 0
     error: RowError | None = None
-
-
-def _rows(opts: PredictOptions) -> Iterator[TableRow | RowError]:
-    for table in opts.tables:
-        yield from read_table(table, opts.input_schema)
-
-
-def _decode_ahead(pool: Executor, decode: Callable, items: Iterable, window: int) -> Iterator:
-    """decode(item) for every item, in input order, computed in `pool` while the consumer works
-    on earlier ones; at most `window` in flight, so memory stays flat however long the input."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(decode, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 class _InOrder:
@@ -129,16 +146,44 @@ class _InOrder:
 
 def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
                    rows: Iterable[TableRow | RowError] | None = None) -> PredictReport:
-    """Run the whole job. Raises RowError at the first bad row when on_error == "fail" (leaving no
-    output); otherwise every bad row goes to the error report and the job goes on. `rows`, when
-    given, replaces reading `opts.tables` (`v2t predict --videos` passes the rows it makes)."""
+    """Run the whole job. With on_error == "fail" the first bad row stops it (StoppedAtBadRow,
+    no output left); otherwise every bad row goes to the error report and the job goes on.
+    `rows`, when given, replaces reading `opts.tables` (`predict_videos` passes the rows it makes)."""
     cfg = captioner.config
-    frame_num = opts.frame_num or cfg.frame_num
-    if frame_num != cfg.frame_num:
-        log.warning("frame_num=%d differs from the %d frames the model was trained on", frame_num, cfg.frame_num)
-    text_len = captioner.max_new_tokens(opts.text_len)
+    opts.check_model(cfg)
+    captioner.max_new_tokens(opts.text_len)  # a text_len the model cannot take fails before any work
     report = PredictReport(outputs=opts.outputs)
-    errors = ErrorReport(opts.outputs)
+    source = _table_rows(opts.tables, opts.input_schema) if rows is None else rows
+    with TableOutput(report) as out, ThreadPoolExecutor(opts.workers) as pool:
+        in_order = _InOrder(lambda row, captions: out.write_row(_output_fields(row, captions, opts)), progress)
+        # Enough rows decoded ahead for a whole refill of the slots, so the model does not wait
+        # on JPEG decoding.
+        decoded = map_ahead(pool, _decoder(opts, cfg), source, opts.micro_batch_size + 2 * opts.workers)
+        videos = _videos(decoded, opts, in_order, out, report)
+        try:
+            for seq, captions in captioner.caption_stream(videos, opts.search, opts.text_len,
+                                                          slots=opts.micro_batch_size):
+                in_order.done(seq, captions)
+                out.flush()
+        except RowError as err:
+            out.discard()
+            where = ", ".join(opts.tables) or "the videos"
+            raise StoppedAtBadRow(f"bad row in {where}, {err}; no output written "
+                                  "(use --on_error skip to leave bad rows out)") from None
+        out.commit()
+    if report.rows_padded:
+        log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
+                    "last frame", report.rows_padded, opts.frame_num or cfg.frame_num)
+    return report
+
+
+def _table_rows(tables: tuple[str, ...], schema: InputSchema) -> Iterator[TableRow | RowError]:
+    for table in tables:
+        yield from read_table(table, schema)
+
+
+def _decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[TableRow | RowError], _Decoded]:
+    frame_num = opts.frame_num or cfg.frame_num
 
     def decode(item: TableRow | RowError) -> _Decoded:
         if isinstance(item, RowError):
@@ -149,48 +194,42 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
             return _Decoded(item, pixels, padded)
         except RowError as err:
             return _Decoded(item, error=err)
+    return decode
 
-    with AtomicTableWriter(opts.outputs) as writer, ThreadPoolExecutor(max(1, opts.workers)) as pool:
-        def write(row: TableRow, captions: list[str]) -> None:
-            writer.write_row(_output_fields(row, captions, opts))
-            report.rows_ok += 1
 
-        in_order = _InOrder(write, progress)
+def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrder, out: TableOutput,
+            report: PredictReport) -> Iterator[tuple[int, np.ndarray]]:
+    """(input number, normalized pixels) of the good rows; bad rows go to the error report (or,
+    with on_error fail, stop the job)."""
+    for seq, d in enumerate(decoded):
+        if d.error is None:
+            report.rows_padded += d.padded > 0
+            in_order.expect(seq, _output_columns(d.row, opts))
+            yield seq, normalize(d.pixels)
+        elif opts.on_error == "fail":
+            raise d.error
+        else:
+            log.error("skipping %s", d.error)
+            out.add_error(d.error.line_no, d.error.idx, d.error.reason)
+            in_order.skip(seq)
 
-        def videos() -> Iterator[tuple[int, np.ndarray]]:
-            # Enough rows decoded ahead for a whole refill of the slots, so the model does not
-            # wait on JPEG decoding.
-            window = opts.micro_batch_size + 2 * opts.workers
-            source = _rows(opts) if rows is None else rows
-            for seq, d in enumerate(_decode_ahead(pool, decode, source, window)):
-                if d.error is None:
-                    report.rows_padded += d.padded > 0
-                    in_order.expect(seq, _output_columns(d.row, opts))
-                    yield seq, normalize(d.pixels)
-                elif opts.on_error == "fail":
-                    raise d.error
-                else:
-                    log.error("skipping %s", d.error)
-                    errors.add(d.error.line_no, d.error.idx, d.error.reason)
-                    report.rows_failed += 1
-                    in_order.skip(seq)
 
-        try:
-            for seq, captions in captioner.caption_stream(videos(), opts.search, text_len,
-                                                          slots=opts.micro_batch_size):
-                in_order.done(seq, captions)
-                writer.flush()
-        except RowError:
-            writer.discard()
-            errors.close()
-            raise
-        errors.close()
-        writer.commit()
-    report.errors_path = str(errors.path) if report.rows_failed else None
-    if report.rows_padded:
-        log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
-                    "last frame", report.rows_padded, frame_num)
-    return report
+def predict_videos(captioner: Captioner, videos: str, opts: PredictOptions, frame_opts,
+                   idx_style: str = "path", progress=None) -> PredictReport:
+    """Caption what `videos` names (directories, lists, files: video/inputs.py) without writing a
+    table: each video becomes the row `v2t make-table` would write with `frame_opts` (its frame
+    count defaults to the model's frame_num), so the captions are those of make-table + predict."""
+    from ..video.decode import require_av
+    from ..video.rows import VideoRows
+
+    require_av()
+    if frame_opts.frames is None:
+        frame_opts = dataclasses.replace(frame_opts, frames=opts.frame_num or captioner.config.frame_num)
+    # The rows hold idx and base64 frames, never paths, whatever the table options said.
+    opts = dataclasses.replace(opts, tables=(), frame_source=FrameSource(),
+                               input_schema=InputSchema.parse(f"{IDX_COLUMN}:str:1,{opts.first_sequence}:str:1"))
+    rows = VideoRows(videos, frame_opts, column=opts.first_sequence, workers=opts.workers, idx_style=idx_style)
+    return predict_tables(captioner, opts, progress=progress, rows=rows)
 
 
 def _output_columns(row: TableRow, opts: PredictOptions) -> TableRow:
@@ -206,17 +245,9 @@ def _output_fields(row: TableRow, candidates: list[str], opts: PredictOptions) -
             for col in (*opts.output_schema, *opts.append_cols)]
 
 
-def parse_columns(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
-
-
-def count_rows(tables: tuple[str, ...]) -> int | None:
-    """Lines in the tables, for the progress bar's total (a fast byte scan; None if unreadable)."""
+def count_rows(tables: Iterable[str]) -> int | None:
+    """Lines in the tables, for the progress bar's total (None if one is unreadable)."""
     try:
-        total = 0
-        for table in tables:
-            with open(Path(table), "rb") as f:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        return total
+        return sum(count_lines(t) for t in tables)
     except OSError:
         return None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from ..errors import ConfigError, FrameError, V2TError
+from ..errors import ConfigError, FrameError, MissingDependencyError, V2TError, import_optional
 from ..inputs.frames import open_image
 from .inputs import IMAGE_SUFFIXES, VideoInput
 
@@ -40,19 +40,9 @@ class VideoError(V2TError):
     reports the path and idx)."""
 
 
-class MissingDependencyError(V2TError):
-    """PyAV is not installed."""
-
-
 def require_av():
-    """The `av` module, or an error telling how to install it."""
-    try:
-        import av
-    except ImportError:
-        raise MissingDependencyError(
-            'reading videos needs PyAV, which is not installed: pip install "v2t[video]" '
-            "(or pip install av; its wheel bundles FFmpeg)") from None
-    return av
+    """The `av` module (PyAV), or MissingDependencyError telling how to install it."""
+    return import_optional("av", "reading videos", 'pip install "v2t[video]" (PyAV; its wheel bundles FFmpeg)')
 
 
 # ---------------------------------------------------------------------------------------------
