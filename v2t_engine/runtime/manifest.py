@@ -1,6 +1,6 @@
 """``manifest.json`` of an export directory: everything the runtime needs besides the graphs.
 
-Written by v2t_export, read by the runtime; the runtime never looks at a checkpoint's files.
+Written by `v2t export`, read by the runtime; the runtime never looks at a checkpoint's files.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ...concurrency import available_cores
-from ...errors import ConfigError
+from ...errors import ArtifactError, ConfigError
 from ...tokenizer import CaptionTokenizer
 from ..contract import (LOGITS, DecoderInputs, GraphContract, decoder_contract, encoder_contract, past_names,
                         present_names)
@@ -46,7 +46,11 @@ def open_session(path: Path, contract: GraphContract, opts: ort.SessionOptions,
                  providers: list[str]) -> ort.InferenceSession:
     """An InferenceSession whose inputs and outputs are checked against the contract: a graph
     from another export or version fails here, naming the tensor, not deep inside a run."""
-    session = ort.InferenceSession(str(path), opts, providers=providers)
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load this graph ({err}); re-export it "
+                            "with `v2t export`") from None
 
     def declared(args):
         return [(a.name, _ORT_DTYPES.get(a.type, a.type), a.shape) for a in args]

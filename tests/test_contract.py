@@ -1,0 +1,128 @@
+"""The graph contract: example inputs, checks of loaded graphs and manifests against it, the
+per-slot decoder state, and the pull-style generator."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from v2t_engine.config import ModelConfig
+from v2t_engine.errors import ArtifactError
+from v2t_engine.runtime.backends import load_backend
+from v2t_engine.runtime.backends.ort import OrtBackend
+from v2t_engine.runtime.contract import (ATTENTION_MASK, INPUT_IDS, POSITION_IDS, DecoderInputs,
+                                         decoder_contract, decoder_sizes, encoder_contract)
+from v2t_engine.runtime.generator import CaptionGenerator, stream_captions
+from v2t_engine.runtime.search import SearchOptions
+from v2t_engine.runtime.state import SlotState
+
+CFG = ModelConfig(vocab_size=50, frame_num=2, img_size=32, text_len=8, n_layer=2, n_head=2, n_embd=16,
+                  vit_width=16, vit_layers=1, vit_heads=2, vit_patch_size=16)
+
+
+def test_examples_follow_the_contract():
+    contract = decoder_contract(CFG)
+    sizes = decoder_sizes(batch=2, new_tokens=4, prefix_len=3, past_len=5)
+    ex = contract.example(sizes, vocab_size=CFG.vocab_size)
+    assert list(ex) == contract.input_names
+    assert ex[INPUT_IDS].shape == (2, 4) and ex[INPUT_IDS].max() < CFG.vocab_size
+    assert ex[POSITION_IDS].tolist() == [list(range(5, 12))] * 2  # after the past: 3 frames, 4 tokens
+    assert ex[ATTENTION_MASK].shape == (2, 12) and (ex[ATTENTION_MASK] == 1).all()
+    past = [ex[n] for n in contract.input_names[-contract.cache_inputs:]]
+    assert contract.cache_inputs == 4 and all(p.shape == (2, 2, 5, 8) and p.dtype == np.float32 for p in past)
+    assert encoder_contract(CFG).example({"num_frames": 3})["frames"].shape == (3, 3, 32, 32)
+
+
+def test_graph_declarations_are_checked_tensor_by_tensor():
+    contract = encoder_contract(CFG)
+    good = [("frames", "float32", ["n", 3, 32, 32])]
+    out = [("frame_embeds", "float32", ["n", 16])]
+    contract.check(good, out, "g.onnx")  # symbolic names may differ
+    cases = [
+        ([("frames", "float16", ["n", 3, 32, 32])], out, "'frames' is float16"),
+        ([("frames", "float32", ["n", 3, 64, 64])], out, "'frames' axis 2 is fixed to 64"),
+        ([("frames", "float32", [4, 3, 32, 32])], out, "dynamic axis 'num_frames'"),
+        ([("pixels", "float32", ["n", 3, 32, 32])], out, "no input 'frames'"),
+        (good, [*out, ("extra", "float32", [1])], "does not know: extra"),
+    ]
+    for inputs, outputs, message in cases:
+        with pytest.raises(ArtifactError, match=message):
+            contract.check(inputs, outputs, "g.onnx")
+
+
+def test_a_graph_that_breaks_the_contract_is_refused_on_load(random_export, tmp_path):
+    broken = tmp_path / "export"
+    shutil.copytree(random_export, broken)
+    proto = onnx.load(str(broken / "decoder.onnx"))
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]  # input_ids (batch, new_tokens)
+    batch.ClearField("dim_param")
+    batch.dim_value = 3  # a graph exported for one batch size
+    onnx.save(proto, str(broken / "decoder.onnx"))
+    with pytest.raises(ArtifactError, match="'input_ids' axis 0 is fixed to 3, the contract says the dynamic axis 'batch'"):
+        OrtBackend(broken)
+    (broken / "frame_encoder.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ArtifactError, match="frame_encoder.onnx: ONNX Runtime cannot load this graph"):
+        OrtBackend(broken)
+
+
+def test_a_manifest_from_another_contract_is_refused(random_export, tmp_path):
+    old = tmp_path / "export"
+    shutil.copytree(random_export, old)
+    manifest = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+    manifest["graphs"]["decoder"]["inputs"][0]["name"] = "tokens"
+    (old / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ArtifactError, match="decoder graph's declared inputs and outputs differ"):
+        load_backend(old)
+
+
+def test_backends_are_chosen_by_directory_and_named_by_entry_point(random_export, random_checkpoint, tmp_path):
+    assert load_backend(random_export).name == "ort"
+    assert load_backend(random_checkpoint).name == "torch"
+    with pytest.raises(ArtifactError, match="loads an export directory"):
+        load_backend(random_checkpoint, backend="ort")
+    with pytest.raises(ArtifactError, match="is none of"):
+        load_backend(tmp_path)
+
+
+def test_slot_state_builds_each_rows_own_positions_and_mask():
+    state = SlotState(slots=3, max_new_tokens=4, pad_id=0)
+    state.begin(np.array([0, 2]), start=1)  # two videos whose 2 frames fill columns 1..2
+    assert state.free.tolist() == [1]
+    ended = state.record(np.array([0, 2]), np.array([7, 0]))  # row 2 chose [PAD]: its caption ends
+    assert ended.tolist() == [2] and state.live.tolist() == [True, False, False]
+    inputs = state.step_inputs(length=3, n_embd=16)
+    assert isinstance(inputs, DecoderInputs)
+    assert inputs.input_ids[:, 0].tolist() == [7, 0, 0]  # free rows feed a throwaway [PAD]
+    assert inputs.position_ids[:, 0].tolist() == [2, 0, 0]  # 2 frames before row 0's token
+    assert inputs.attention_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]
+    assert inputs.prefix_embeds.shape == (3, 0, 16)
+    state.drop_columns(1)
+    assert state.first_live_column() == 0
+
+
+def test_the_pull_style_generator_takes_videos_while_it_runs(random_export, synth_data):
+    from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+    from v2t_engine.inputs.preprocess import normalize
+    from v2t_engine.inputs.tables import InputSchema, read_table
+
+    backend = OrtBackend(random_export)
+    cfg = backend.config
+    rows = list(read_table(synth_data["test"], InputSchema.parse("idx:str:1,imgbase64:str:1")))[:6]
+    videos = [(r.idx, normalize(row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size,
+                                                    FrameSource())[0])) for r in rows]
+    want = dict(stream_captions(backend, videos, SearchOptions(), cfg.text_len, slots=4))
+
+    gen = CaptionGenerator(backend, SearchOptions(), cfg.text_len, slots=4)
+    assert gen.is_done() and gen.videos_wanted() == 4
+    gen.add(videos[:1])  # one request, then others arrive while it decodes
+    got, pending, steps = {}, videos[1:], 0
+    while not gen.is_done() or pending:
+        if pending and gen.videos_wanted():
+            gen.add([pending.pop(0)])
+        got.update(gen.generate_next_token())
+        steps += 1
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="slots"):
+        gen.add(videos[:5])
