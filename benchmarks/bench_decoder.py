@@ -49,14 +49,14 @@ def cached_greedy(model, prefix: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class PrefixFeed:
-    """A v2t backend whose encode passes its input through, so v2t's own generator can be fed
+    """A v2t backend whose encode_frames passes its input through, so v2t's own generator can be fed
     frame embeddings (B, F, E) in place of pixels and timed without the frame encoder. Every
     other attribute is the wrapped backend's."""
 
     def __init__(self, backend):
         self._backend = backend
 
-    def encode(self, frames: np.ndarray) -> np.ndarray:
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         return frames
 
     def __getattr__(self, name: str):

@@ -89,7 +89,7 @@ def main() -> int:
     captioners += [(f"v2t ort/{p}", p, Captioner.load(export(ck, p), backend="ort", threads=args.threads))
                    for p in precisions]
     pixels = frames.numpy()
-    runs += [(name, p, lambda cap=cap: cap.backend.encode(pixels)) for name, p, cap in captioners]
+    runs += [(name, p, lambda cap=cap: cap.backend.encode_frames(pixels)) for name, p, cap in captioners]
 
     n = args.gemm_size or (512 if args.tiny else 2048)
     rates = {p: gemm_rate(dtype, n, args.repeats) for p, dtype in GEMM_DTYPES.items()}
