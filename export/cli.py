@@ -1,4 +1,4 @@
-"""`v2t export`: loaded lazily by the CLI because it needs torch."""
+"""`v2t export`: registered as an entry point of `v2t.commands`, loaded only when invoked (it needs torch)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ import json
 import click
 
 from v2t_engine.cli.options import checkpoint_dir_option, easynlp_option
-from v2t_engine.errors import V2TError
 
 from v2t_export.exporter import FORMATS, export_checkpoint
 from v2t_export.quantize import PRECISIONS
@@ -35,8 +34,5 @@ def export_command(checkpoint_dir, output, fmt, precision, min_agreement):
       v2t export --checkpoint_dir ck --format onnx --output ck_onnx
       v2t export --checkpoint_dir ck --output ck_int8 --precision int8_encoder
     """
-    try:
-        manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement)
-    except V2TError as err:
-        raise click.ClickException(str(err)) from None
+    manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement)
     click.echo(f"exported to {output}; validation: {json.dumps(manifest.validation)}")

@@ -16,7 +16,6 @@ class AtomicTableWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self._file = None
-        self.rows = 0
 
     def __enter__(self) -> "AtomicTableWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +24,6 @@ class AtomicTableWriter:
 
     def write_row(self, fields: list[str]) -> None:
         self._file.write("\t".join(fields) + "\n")
-        self.rows += 1
 
     def flush(self) -> None:
         self._file.flush()
@@ -53,7 +51,6 @@ class ErrorReport:
 
     def __init__(self, outputs: str | Path):
         self.path = Path(outputs).with_name(Path(outputs).name + ".errors.tsv")
-        self.count = 0
         self._file = None
 
     def add(self, line_no: int, idx: str | None, reason: str) -> None:
@@ -63,7 +60,6 @@ class ErrorReport:
         clean = " ".join(reason.split())  # one line per error, whatever the reason text holds
         self._file.write(f"{line_no}\t{idx or ''}\t{clean}\n")
         self._file.flush()
-        self.count += 1
 
     def close(self) -> None:
         if self._file is not None:
