@@ -8,14 +8,13 @@ into DynamicQuantizeMatMul, which runs on the CPU's int8 dot-product units (VNNI
 the fp32 GEMM rate. Convolutions stay fp32: the only one is the ViT's patch embedding, a few
 percent of the encoder's work. The frame encoder is most of the compute, and its int8 error moves
 few captions; the decoder's int8 error goes straight into the logits that greedy search compares,
-so it flips more near-tied tokens (on the tests' small model 5% of captions, against under 2% for
-the encoder): int8_encoder is the choice that keeps captions, int8 the fastest.
+so it flips more near-tied tokens: int8_encoder is the choice that keeps captions, int8 the
+fastest (README, "Benchmarks").
 
 Weights are quantized to 7 bits (``reduce_range``). On CPUs without VNNI, ORT's AVX2/AVX-512
 int8 kernels multiply uint8 activations by int8 weights in 16-bit lanes that saturate with 8-bit
-weights; on the tiny benchmark model that made the decoder's logits 10x further from PyTorch's
-(max diff 0.17 against 0.02 with 7 bits) and failed validation. An export may be built on one CPU
-and run on another, so every int8 export takes the range that is exact on both.
+weights, enough to fail validation (README gives the measurement). An export may be built on one
+CPU and run on another, so every int8 export takes the range that is exact on both.
 
 bf16: ONNX Runtime's CPU provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add, Softmax
 are all missing in 1.32; microsoft/onnxruntime#20630), so a bf16 graph would not even load on the
