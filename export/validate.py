@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from v2t_engine.runtime.backends.ort import OrtBackend
-from v2t_engine.runtime.contract import DecoderInputs
+from v2t_engine.runtime.contract import NUM_FRAMES, DecoderInputs, encoder_contract
 from v2t_engine.errors import ConfigError, ExportValidationError
 from v2t_engine.runtime.generator import generate_candidates
 from v2t_engine.runtime.search import SearchOptions
@@ -115,11 +115,11 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
     model = model.eval().float()
     cfg = model.cfg
     backend = OrtBackend(export_dir)
-    gen = torch.Generator().manual_seed(seed)
     report: dict[str, Any] = {"precision": precision, "relative_tolerance": tol,
                               "min_greedy_agreement": min_agreement}
 
-    frames = torch.randn(n_videos * cfg.frame_num, 3, cfg.img_size, cfg.img_size, generator=gen)
+    (example,) = encoder_contract(cfg).example({NUM_FRAMES: n_videos * cfg.frame_num}, seed).values()
+    frames = torch.from_numpy(example)  # (N, 3, S, S), standard normal as CLIP-normalized pixels are
     ref = model.first_stage_model(frames)
     worst = {"frame_encoder": _max_diff(backend.encode_frames(frames.numpy()), ref.numpy())}
     # The decoder is compared on the PyTorch encoder's output, so its figures are its own error.
