@@ -25,7 +25,9 @@ from v2t_engine.tokenizer import CaptionTokenizer  # noqa: E402
 from v2t_training import checkpoint as ckpt  # noqa: E402
 from v2t_training.data import CaptionDataset, DataSpec  # noqa: E402
 from v2t_training.model import VideoCaptioner  # noqa: E402
-from v2t_training.train import TrainOptions, param_groups, train  # noqa: E402
+from v2t_training.optim import param_groups  # noqa: E402
+from v2t_training.options import TrainOptions  # noqa: E402
+from v2t_training.train import train  # noqa: E402
 
 SCHEMA = "idx:str:1,imgbase64:str:1,text:str:1"
 PARAMS = {"frame_num": "2", "img_size": "32", "text_len": "16", "n_layer": "1", "n_head": "2", "n_embd": "32",
@@ -95,25 +97,6 @@ def test_frame_encoder_learns_at_its_scaled_rate():
     assert TrainOptions(tables=("t.txt",), checkpoint_dir="ck", optimizer="adamw").resolved_encoder_lr_scale == 0.3
     with pytest.raises(ConfigError, match="optimizer must be one of muon, adamw"):
         TrainOptions(tables=("t.txt",), checkpoint_dir="ck", optimizer="sgd")
-
-
-def test_muon_takes_hidden_matrices_and_adamw_the_tables():
-    model = VideoCaptioner(ModelConfig(vocab_size=20, frame_num=2, img_size=32, text_len=4, n_layer=1, n_head=2,
-                                       n_embd=32, vit_width=32, vit_layers=1, vit_heads=2, vit_patch_size=16))
-    names = {id(p): n for n, p in model.named_parameters()}
-    rule = {names[id(p)]: (g["muon"], g["blocks"], g["weight_decay"])
-            for g in param_groups(model, 0.1, 1e-3, muon=True) for p in g["params"]}
-    assert rule["first_stage_model.conv1.weight"] == (True, 1, 0.1)  # a Conv, flattened to a matrix
-    assert rule["first_stage_model.transformer.resblocks.0.attn.in_proj_weight"] == (True, 3, 0.1)  # q, k, v
-    assert rule["transformer.blocks.0.attn.query.weight"] == (True, 1, 0.1)
-    assert rule["transformer.blocks.0.mlp.0.weight"] == (True, 1, 0.1)
-    for table in ("transformer.tok_emb.weight", "transformer.pos_emb", "first_stage_model.positional_embedding",
-                  "first_stage_model.class_embedding"):
-        assert rule[table] == (False, 1, 0.0)
-    assert rule["transformer.head.weight"] == (False, 1, 0.1)  # AdamW, decayed like minGPT's head
-    assert rule["transformer.blocks.0.attn.query.bias"] == (False, 1, 0.0)
-    assert rule["transformer.ln_f.weight"] == (False, 1, 0.0)
-    assert len(rule) == len(list(model.parameters()))
 
 
 def test_checkpoint_reloads_to_identical_outputs(trained, tmp_path):
@@ -188,6 +171,21 @@ def test_consistent_derived_parameters_are_accepted(data, tmp_path):
     assert ModelConfig.load(out).block_size == 20
     with pytest.raises(ConfigError, match="sequence_length=288"):
         train(options(data, tmp_path / "bad", sequence_length=288))
+
+
+def test_cli_options_carry_the_train_options_defaults(monkeypatch, tmp_path):
+    import v2t_training.train
+    from v2t_engine.cli import main
+
+    seen = []
+    monkeypatch.setattr(v2t_training.train, "train", lambda opts: seen.append(opts) or tmp_path)
+    result = CliRunner().invoke(main, ["train", "--tables", "a.txt,b.txt", "--checkpoint-dir", str(tmp_path),
+                                       "--epoch_num", "5", "--resume", "--augment-views", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen == [TrainOptions(tables=("a.txt", "b.txt"), checkpoint_dir=str(tmp_path), epoch_num=5, resume=True,
+                                 augment_views=2)]
+    help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    assert "[default: 5e-05; x>0]" in help_text and "1.0 with muon, 0.3 with adamw" in help_text
 
 
 def test_cli_reports_domain_errors_cleanly(data, tmp_path):

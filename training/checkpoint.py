@@ -43,6 +43,11 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 
 
+def is_resumable(path: str | Path) -> bool:
+    """True for a directory a run can continue from with --resume (it holds training_state.pt)."""
+    return (Path(path) / TRAINING_STATE_FILE).is_file()
+
+
 def save_checkpoint(checkpoint_dir: str | Path, model: VideoCaptioner, tokenizer: CaptionTokenizer,
                     training_state: dict[str, Any] | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
@@ -145,14 +150,6 @@ def load_training_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         return torch.load(directory / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
         raise ArtifactError(f"cannot read {directory / TRAINING_STATE_FILE}: {exc}") from None
-
-
-def read_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} not found") from None
 
 
 def rng_state() -> dict[str, Any]:

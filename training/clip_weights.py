@@ -21,7 +21,7 @@ from v2t_training.checkpoint import load_strict
 # CLIPVisionConfig's defaults: save_pretrained may leave default values out of config.json.
 _HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                 "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
-                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 512}
+                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
 _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
@@ -36,17 +36,12 @@ class ClipVisionSpec:
     img_size: int
     vit_act: str
     vit_layer_norm_eps: float
-    projection_dim: int | None  # None: the checkpoint has no visual_projection
 
     def config_fields(self) -> dict[str, object]:
         """The ModelConfig fields this spec fixes."""
         return {"vit_width": self.vit_width, "vit_layers": self.vit_layers, "vit_heads": self.vit_heads,
                 "vit_patch_size": self.vit_patch_size, "img_size": self.img_size,
                 "vit_act": self.vit_act, "vit_layer_norm_eps": self.vit_layer_norm_eps}
-
-
-def is_hf_clip_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
 
 
 def read_clip_vision_spec(path: str | Path) -> ClipVisionSpec:
@@ -65,8 +60,6 @@ def read_clip_vision_spec(path: str | Path) -> ClipVisionSpec:
     if "vision_config" not in top and top.get("model_type") not in (None, "clip_vision_model"):
         raise ConfigError(f"{config_path} is a {top.get('model_type')!r} config, not a CLIP vision config")
     cfg = {**_HF_DEFAULTS, **vision}
-    # A CLIPModel keeps projection_dim at the top level.
-    cfg["projection_dim"] = top.get("projection_dim", vision.get("projection_dim", _HF_DEFAULTS["projection_dim"]))
     if cfg["hidden_act"] not in _ACTS:
         raise ConfigError(f"{config_path}: hidden_act {cfg['hidden_act']!r} is not supported (quick_gelu or gelu)")
     if cfg["intermediate_size"] != 4 * cfg["hidden_size"]:
@@ -76,7 +69,7 @@ def read_clip_vision_spec(path: str | Path) -> ClipVisionSpec:
         vit_width=int(cfg["hidden_size"]), vit_layers=int(cfg["num_hidden_layers"]),
         vit_heads=int(cfg["num_attention_heads"]), vit_patch_size=int(cfg["patch_size"]),
         img_size=int(cfg["image_size"]), vit_act=_ACTS[cfg["hidden_act"]],
-        vit_layer_norm_eps=float(cfg["layer_norm_eps"]), projection_dim=int(cfg["projection_dim"]))
+        vit_layer_norm_eps=float(cfg["layer_norm_eps"]))
 
 
 def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

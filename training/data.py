@@ -25,15 +25,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from v2t_engine.concurrency import map_ahead
 from v2t_engine.errors import RowError, TableError
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
 from v2t_engine.inputs.preprocess import normalize
-from v2t_engine.inputs.tables import InputSchema, TableRow, read_table
+from v2t_engine.inputs.tables import InputSchema, TableRow, count_lines, parse_line, read_table
 from v2t_engine.tokenizer import CaptionTokenizer
+
+from v2t_training.options import DEFAULT_CACHE_BUDGET
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_BUDGET = 4 << 30  # bytes of decoded uint8 crops kept in memory
 _SHOWN_LINES = 5  # bad rows named in the warning; the rest are only counted
 
 # One batch: normalized frames (B, F, 3, S, S) float32 and tokens (B, text_len) int64.
@@ -67,17 +69,6 @@ def read_captions(paths: Iterable[str | Path], schema: InputSchema, text_column:
                 yield row.fields[text_column]
 
 
-def count_lines(path: str | Path) -> int:
-    """Physical lines of a file (an upper bound on its rows), counted in 1 MiB binary chunks:
-    far faster than parsing, so the cache decision costs almost nothing."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")  # a last line without "\n"
-
-
 class CaptionDataset(Dataset):
     """Rows of one table as (frames float32 (F, 3, S, S) CLIP-normalized, tokens int64 (T,)).
 
@@ -92,7 +83,7 @@ class CaptionDataset(Dataset):
         self.spec = spec
         schema.position(spec.frames_column)
         schema.position(spec.text_column)
-        estimate = count_lines(self.path) * spec.row_bytes
+        estimate = count_lines(self.path) * spec.row_bytes  # lines: an upper bound on rows, found without parsing
         self.cached = estimate <= cache_budget_bytes
         self._cache: np.ndarray | None = None  # (N, F, 3, S, S) uint8 in cached mode
         self._offsets: list[int] = []  # byte offset of each kept row's line, lazy mode
@@ -130,7 +121,7 @@ class CaptionDataset(Dataset):
                 return err, None
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for row, result in _bounded_map(pool, decode, read_table(self.path, self.schema), 64):
+            for row, result in map_ahead(pool, decode, read_table(self.path, self.schema), 64):
                 if result is None:
                     self.bad_rows.append(row)
                     continue
@@ -190,10 +181,6 @@ class CaptionDataset(Dataset):
             raw = np.stack([frames for _, frames in loaded])  # (B, F, 3, S, S) uint8
         return torch.from_numpy(normalize(raw)), torch.from_numpy(self.tokens[indices])
 
-    def uint8_frames(self, i: int) -> np.ndarray:
-        """Row i's crops before normalization, (F, 3, S, S) uint8."""
-        return self._cache[i] if self._cache is not None else self._decode_lazily(i)[1]
-
     def _decodable(self, i: int) -> int:
         """i, or the next index this process has not found undecodable (lazy mode)."""
         for step in range(len(self)):
@@ -220,27 +207,19 @@ class CaptionDataset(Dataset):
         raise TableError(f"no row of {str(self.path)!r} could be decoded")
 
     def _read_row(self, i: int) -> TableRow:
+        """Row i, parsed as read_table parsed it; a RowError when the line no longer parses (the
+        table changed since it was indexed)."""
         # One open per row: cheap next to decoding, and nothing unpicklable lives on the dataset
         # that DataLoader workers receive.
         with open(self.path, "rb") as f:
             f.seek(self._offsets[i])
             raw = f.readline()
-        if self.line_nos[i] == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        fields = raw.rstrip(b"\n").removesuffix(b"\r").decode("utf-8").split("\t")
-        return TableRow(self.line_nos[i], dict(zip(self.schema.names, fields)))
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator:
-    """pool.map that keeps at most `window` items in flight, in order (Executor.map would read
-    the whole table up front)."""
-    pending = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
+        row = parse_line(raw, self.line_nos[i], self.schema)
+        if row is None:
+            raise RowError(self.line_nos[i], None, "the line is blank now; the table changed while training")
+        if isinstance(row, RowError):
+            raise row
+        return row
 
 
 class ResumableSampler(DistributedSampler):

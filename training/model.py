@@ -99,8 +99,8 @@ class VisionTransformer(nn.Module):
         # Built from scratch, the encoder starts with a sin-cos table for its patch positions
         # instead of noise. Motion captions need each frame's embedding to say where the object
         # is; with random position vectors the model must first discover that patch (r, c) lies
-        # next to (r, c+1). Measured on the synthetic clips: a linear probe recovers the object's
-        # x from the frame embeddings with R^2 0.73 after training, against 0.21 from noise.
+        # next to (r, c+1), and after training the frame embeddings told the object's position
+        # far less well (measured: README, "Training defaults").
         # The table stays a learned parameter; loaded CLIP weights replace it.
         with torch.no_grad():
             self.positional_embedding[1:] = sincos_2d(cfg.img_size // patch, width)
@@ -113,11 +113,10 @@ class VisionTransformer(nn.Module):
         # EasyNLP drops the projection when the width already matches the decoder.
         self.proj = nn.Parameter(torch.empty(width, cfg.n_embd)) if cfg.vit_has_proj else None
         # Frame embeddings start at the scale of the decoder's token and position embeddings
-        # (minGPT's std 0.02) rather than ln_post's ~1 per element. At that scale the decoder's
+        # (minGPT's std 0.02) rather than ln_post's ~1 per element. At CLIP's scale the decoder's
         # position embeddings are ~2% of a frame's, so it barely tells the frames apart, and a
-        # caption of motion needs their order: with CLIP's scale, reversing the frames left 48%
-        # of captions unchanged and 81% of motions were right; with this one 24% and 94%.
-        # Loaded CLIP weights replace it.
+        # caption of motion needs their order (what CLIP's scale costs: README, "Training
+        # defaults"). Loaded CLIP weights replace it.
         if self.proj is not None:
             nn.init.normal_(self.proj, std=DECODER_INIT_STD / width ** 0.5)  # ln_post output ~N(0, 1)
         else:
@@ -165,7 +164,7 @@ class DecoderAttention(nn.Module):
         else:
             # Written out, not SDPA: the ONNX exporter decomposes SDPA into a Transpose of the
             # whole key cache plus a scaling Mul on it, which ONNX Runtime cannot fold into the
-            # MatMul (39% of an int8 decoder step at batch 8, measured with ORT's profiler).
+            # MatMul (a large share of an int8 decoder step; measured: README, "Benchmarks").
             # Scaling q instead and multiplying by k^T directly lets ORT run k^T inside the GEMM
             # (FusedMatMul with transB), so the cache is only read.
             att = (q * hs ** -0.5) @ k.transpose(-2, -1)  # (B, nh, T, S)
@@ -272,14 +271,6 @@ class VideoCaptioner(nn.Module):
         self.transformer = CaptionDecoder(cfg)
         if cfg.freeze_vit:
             self.first_stage_model.requires_grad_(False)
-
-    @property
-    def encoder(self) -> VisionTransformer:
-        return self.first_stage_model
-
-    @property
-    def decoder(self) -> CaptionDecoder:
-        return self.transformer
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """frames (B, F, 3, S, S) → prefix embeddings (B, F, E)."""

@@ -1,12 +1,13 @@
-"""The optimizer: Muon for the hidden weight matrices, AdamW for everything else.
+"""The optimizer: Muon for the hidden weight matrices, AdamW for everything else; the parameter
+groups that give each tensor its rule, and the learning-rate schedule.
 
-Why Muon: with AdamW at the README recipe's 1,260 steps, the ViT trained from scratch learned
-shapes too slowly (61-64% of test clips captioned exactly; twice the epochs gave 79%). Muon
-(momentum, then each matrix's update replaced by the nearest semi-orthogonal matrix through a
-Newton-Schulz iteration) updates every direction of a matrix at the same rate instead of letting
-a few dominant directions take the whole step; the same run reached 97.5% (README, "Training
-defaults"). Embedding tables, position tables, the output head, biases and LayerNorm gains are
-not hidden matrices (their rows or entries are looked up or scaled individually) and keep AdamW.
+Why Muon: with AdamW at the README recipe's step count, the ViT trained from scratch learned
+shapes too slowly. Muon (momentum, then each matrix's update replaced by the nearest
+semi-orthogonal matrix through a Newton-Schulz iteration) updates every direction of a matrix at
+the same rate instead of letting a few dominant directions take the whole step; the same run then
+captioned far more clips exactly (measured values: README, "Training defaults"). Embedding tables, position
+tables, the output head, biases and LayerNorm gains are not hidden matrices (their rows or
+entries are looked up or scaled individually) and keep AdamW.
 
 The Muon update is rescaled by 0.2 * sqrt(max(rows, cols)), which gives it the root-mean-square
 size of a typical AdamW update, so one learning rate and one schedule serve both kinds of
@@ -15,10 +16,11 @@ parameter (the scaling proposed by Moonshot AI for Muon at scale).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 # Coefficients of the quintic Newton-Schulz step tuned for Muon (Keller Jordan): in 5 steps they
 # move every singular value of X / ||X|| into roughly [0.7, 1.2] rather than exactly to 1, which
@@ -105,3 +107,54 @@ class MuonAdamW(torch.optim.Optimizer):
         bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
         denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+
+
+# Trainable tensors that are tables looked up or read row by row, not maps between hidden
+# spaces: they keep AdamW under Muon.
+_TABLES = ("transformer.tok_emb.weight", "transformer.pos_emb", "transformer.head.weight",
+           "first_stage_model.class_embedding", "first_stage_model.positional_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, encoder_lr_scale: float = 1.0,
+                 muon: bool = False) -> list[dict[str, Any]]:
+    """Parameter groups for ``MuonAdamW``.
+
+    minGPT's decay rule: decay the weight matrices of Linear/Conv layers (and the ViT's fused
+    in_proj and proj matrices), never biases, LayerNorms, embeddings or position tables. With
+    ``muon`` those matrices are updated by Muon (the fused q/k/v in_proj as three blocks), the
+    rest by AdamW; without it everything is AdamW. The frame encoder (``first_stage_model``)
+    learns at ``encoder_lr_scale`` times ``lr``."""
+    matrices = _weight_matrices(model)
+    groups: dict[tuple[bool, int, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decay = name in matrices or name == "transformer.head.weight"
+            blocks = (3 if name.endswith("in_proj_weight") else 1) if muon and name in matrices else 0
+            groups.setdefault((decay, blocks, name.startswith("first_stage_model.")), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "muon": blocks > 0,
+             "blocks": max(1, blocks), "lr": lr * (encoder_lr_scale if encoder else 1.0)}
+            for (decay, blocks, encoder), params in sorted(groups.items())]
+
+
+def _weight_matrices(model: nn.Module) -> set[str]:
+    """Names of the parameters that map one hidden space to another."""
+    matrices = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            matrices.add(prefix + "weight")
+        for pname in ("in_proj_weight", "proj"):
+            if isinstance(getattr(module, pname, None), nn.Parameter):
+                matrices.add(prefix + pname)
+    return matrices - set(_TABLES)  # the output head is a Linear but a table of token vectors
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then cosine decay to ``min_ratio`` of it at the last step
+    (a LambdaLR factor, so the one schedule scales every group's own learning rate)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor

@@ -134,19 +134,6 @@ def table_options(allowed_parameters: Iterable[str], schema_default: str) -> Cal
                    app_name_option, mode_option)
 
 
-# LEGACY (until training/cli.py moves to the typed options above).
-tables_option = easynlp_option(
-    "tables", required=True,
-    help="Comma-separated table paths (EasyNLP style). For training: train file first, validation last.")
-input_schema_option = easynlp_option(
-    "input_schema", default="idx:str:1,imgbase64:str:1,text:str:1", show_default=True,
-    help="Columns as name:type:count, matched by position.")
-user_defined_parameters_option = easynlp_option(
-    "user_defined_parameters", default="", help="Whitespace-separated key=value pairs, as in EasyNLP.")
-table_input_options = compose(tables_option, input_schema_option, first_sequence_option,
-                              micro_batch_size_option, user_defined_parameters_option,
-                              app_name_option, mode_option)
-
 
 # ------------------------------------------------------------------------------- job epilogue
 def exit_with_report(report) -> None:
