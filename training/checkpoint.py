@@ -31,6 +31,7 @@ from v2t_engine.config import CONFIG_FILE, ModelConfig
 from v2t_engine.errors import ArtifactError, V2TError
 from v2t_engine.tokenizer import CaptionTokenizer
 
+from v2t_training.easynlp import easynlp_model_type, is_easynlp_checkpoint, read_easynlp_checkpoint
 from v2t_training.model import VideoCaptioner
 
 MODEL_FILE = "model.safetensors"
@@ -38,9 +39,15 @@ TRAINING_STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
-def is_checkpoint(path: str | Path) -> bool:
+def is_v2t_checkpoint(path: str | Path) -> bool:
     """True for a directory holding a v2t model (config.json + model.safetensors)."""
     return (Path(path) / MODEL_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a directory holding a model v2t loads: its own checkpoint or an EasyNLP video2text
+    one (easynlp.py), which every entry point that takes a checkpoint accepts."""
+    return is_v2t_checkpoint(path) or is_easynlp_checkpoint(path)
 
 
 def is_resumable(path: str | Path) -> bool:
@@ -99,46 +106,67 @@ def _require(directory: Path, names: list[str]) -> None:
         raise ArtifactError(f"{str(directory)!r} is not a complete v2t checkpoint: missing {', '.join(missing)}")
 
 
-def load_state_dict(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_checkpoint(checkpoint_dir: str | Path, weights: bool = True
+                    ) -> tuple[ModelConfig, CaptionTokenizer, dict[str, torch.Tensor] | None]:
+    """The config, tokenizer and (with `weights`) state dict, CPU tensors, of a v2t or an EasyNLP
+    checkpoint. An EasyNLP checkpoint's config needs its weights (the ViT's shape), so they are
+    always read there."""
+    directory = Path(checkpoint_dir)
+    if is_easynlp_checkpoint(directory):
+        cfg, tokenizer, state = read_easynlp_checkpoint(directory)
+    elif (model_type := easynlp_model_type(directory)) is not None and not is_v2t_checkpoint(directory):
+        raise ArtifactError(f"{directory / CONFIG_FILE} has model_type {model_type!r}: v2t reads its own "
+                            "checkpoints and EasyNLP video2text ones (model_type mingpt_i2t)")
+    else:
+        _require(directory, [CONFIG_FILE, MODEL_FILE])
+        try:
+            cfg, tokenizer = ModelConfig.load(directory), CaptionTokenizer.from_dir(directory)
+        except V2TError as exc:
+            raise ArtifactError(f"cannot load checkpoint {str(directory)!r}: {exc}") from None
+        state = _read_safetensors(directory / MODEL_FILE) if weights else None
+    if (tokenizer.vocab_size, tokenizer.pad_id) != (cfg.vocab_size, cfg.pad_id):
+        raise ArtifactError(f"{str(directory)!r}: the tokenizer (vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id}) "
+                            f"does not match the model (vocab {cfg.vocab_size}, pad {cfg.pad_id})")
+    return cfg, tokenizer, state
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    directory = Path(checkpoint_dir)
-    _require(directory, [MODEL_FILE])
-    return load_file(str(directory / MODEL_FILE), device=str(torch.device(map_location)))
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError
+        raise ArtifactError(f"cannot read {file}: {exc}") from None
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Copy ``state`` into ``module`` strictly; an ArtifactError starting with ``what`` names the
-    keys missing or unexpected, or the shape that differs."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise ArtifactError(f"{what}: {exc}") from None
+    """Copy ``state`` into ``module`` strictly; an ArtifactError starting with ``what`` lists the
+    keys missing or unexpected, or names the key whose shape differs with both shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise ArtifactError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArtifactError(f"{what}: " + "; ".join(
+            f"{label} {len(keys)} key(s): {', '.join(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ArtifactError(f"{what}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                                f"{tuple(own[key].shape)} in the model")
+    module.load_state_dict(state, strict=True)
 
 
-def load_weights_into(model: nn.Module, checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> None:
+def load_weights_into(model: nn.Module, checkpoint_dir: str | Path) -> None:
     """Copy a checkpoint's weights into ``model`` strictly, with an ArtifactError naming what differs."""
-    load_strict(model, load_state_dict(checkpoint_dir, map_location),
-                f"weights in {str(checkpoint_dir)!r} do not fit the model")
+    load_strict(model, read_checkpoint(checkpoint_dir)[2], f"weights in {str(checkpoint_dir)!r} do not fit the model")
 
 
 def load_model(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu"
                ) -> tuple[VideoCaptioner, CaptionTokenizer]:
     """The trained model (in eval mode, on ``map_location``) and its tokenizer, for inference."""
-    directory = Path(checkpoint_dir)
-    _require(directory, [CONFIG_FILE, MODEL_FILE])
-    try:
-        cfg = ModelConfig.load(directory)
-        tokenizer = CaptionTokenizer.from_dir(directory)
-    except V2TError as exc:
-        raise ArtifactError(f"cannot load checkpoint {str(directory)!r}: {exc}") from None
-    if (tokenizer.vocab_size, tokenizer.pad_id) != (cfg.vocab_size, cfg.pad_id):
-        raise ArtifactError(f"{str(directory)!r}: the tokenizer (vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id}) "
-                            f"does not match config.json (vocab {cfg.vocab_size}, pad {cfg.pad_id})")
+    cfg, tokenizer, state = read_checkpoint(checkpoint_dir)
     model = VideoCaptioner(cfg)
-    load_weights_into(model, directory, "cpu")
+    load_strict(model, state, f"weights in {str(checkpoint_dir)!r} do not fit the model")
     return model.to(map_location).eval(), tokenizer
 
 

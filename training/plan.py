@@ -3,8 +3,8 @@
 
 Three starts: from scratch (architecture keys, tokenizer trained on the training captions or read
 from a BERT vocabulary directory), from a Hugging Face CLIP ViT (``vit_ckpt_path`` fixes the frame
-encoder's shape), or from a v2t checkpoint (finetuning with ``pretrain_model_name_or_path``, or
-``--resume``), which fixes the architecture and the tokenizer.
+encoder's shape), or from a checkpoint (finetuning with ``pretrain_model_name_or_path`` naming a v2t or an EasyNLP
+checkpoint, or ``--resume``), which fixes the architecture and the tokenizer.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from v2t_engine.errors import ArtifactError, ConfigError
 from v2t_engine.params import get_bool, get_int
 from v2t_engine.tokenizer import CaptionTokenizer
 
-from v2t_training.checkpoint import is_checkpoint
+from v2t_training.checkpoint import is_checkpoint, read_checkpoint
 from v2t_training.clip_weights import read_clip_vision_spec
 
 # Keys that fix the architecture: they come from the checkpoint when finetuning or resuming.
@@ -66,8 +66,7 @@ def plan_model(params: Mapping[str, str], new_tokenizer: Callable[[], CaptionTok
 
 def _from_checkpoint(source: Path, user: Mapping[str, int], freeze: bool | None,
                      resuming: bool) -> tuple[ModelConfig, CaptionTokenizer]:
-    cfg = ModelConfig.load(source)
-    tokenizer = CaptionTokenizer.from_dir(source)
+    cfg, tokenizer, _ = read_checkpoint(source, weights=False)
     _check_same(user, cfg, source)
     changes: dict[str, Any] = {"frame_num": user.get("frame_num", cfg.frame_num)}
     if not resuming:  # finetuning: the loaded ViT stays frozen unless asked

@@ -16,7 +16,8 @@ from .checkpoint import is_checkpoint, load_model
 
 class TorchBackend:
     name = "torch"
-    loads = "a training checkpoint (config.json + model.safetensors; made by `v2t train`)"
+    loads = ("a training checkpoint (config.json + model.safetensors, made by `v2t train`; or an EasyNLP "
+             "video2text checkpoint: pytorch_model.bin + config.json + vocab.txt)")
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", threads: int | None = None):
         if threads:
