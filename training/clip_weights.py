@@ -1,9 +1,10 @@
-"""Load a Hugging Face CLIP checkpoint directory into the OpenAI-CLIP-layout frame encoder.
+"""Load CLIP vision weights into the OpenAI-CLIP-layout frame encoder (``vit_ckpt_path``).
 
 EasyNLP's ``vit_ckpt_path=ViT-L/14`` downloads OpenAI's weights at run time; v2t never downloads,
-so ``vit_ckpt_path`` names a local Hugging Face directory instead (e.g. a saved
-``openai/clip-vit-large-patch14``, a CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection).
-Its config gives the ViT's shape; its weights are renamed key by key into our
+so ``vit_ckpt_path`` names a local copy: OpenAI's ``.pt`` file itself (the file ``ViT-L/14``
+resolves to; read without running it, openai_clip.py), or a Hugging Face directory (e.g. a saved
+``openai/clip-vit-large-patch14``, a CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection),
+whose config gives the ViT's shape and whose weights are renamed key by key into our
 ``first_stage_model`` (OpenAI layout, EASYNLP.md §8), q/k/v concatenated into ``in_proj``.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from v2t_engine.errors import ArtifactError, ConfigError
 
 from v2t_training.checkpoint import load_strict
+from v2t_training.openai_clip import clip_visual_weights, vit_shape
 
 # CLIPVisionConfig's defaults: save_pretrained may leave default values out of config.json.
 _HF_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -45,13 +47,18 @@ class ClipVisionSpec:
 
 
 def read_clip_vision_spec(path: str | Path) -> ClipVisionSpec:
-    """Read config.json of a CLIPModel (``vision_config`` inside) or a CLIPVision* model."""
+    """The ViT's shape: from an OpenAI ``.pt`` file's weights, or from config.json of a CLIPModel
+    (``vision_config`` inside) or a CLIPVision* model."""
     directory = Path(path)
+    if directory.is_file():
+        shape = vit_shape(clip_visual_weights(directory), str(directory))
+        return ClipVisionSpec(**shape, vit_act="quick_gelu", vit_layer_norm_eps=1e-5)  # OpenAI CLIP's
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise ConfigError(f"vit_ckpt_path {str(directory)!r} is not a Hugging Face CLIP directory (no config.json). "
-                          "v2t does not download weights: save one with transformers' save_pretrained "
-                          "(e.g. openai/clip-vit-large-patch14 for EasyNLP's ViT-L/14) and pass its path.")
+        raise ConfigError(f"vit_ckpt_path {str(directory)!r} is neither an OpenAI CLIP .pt file nor a Hugging Face "
+                          "CLIP directory (with config.json). v2t does not download weights: pass the .pt file "
+                          "EasyNLP's ViT-L/14 resolves to (~/.cache/clip/ViT-L-14.pt), or a directory saved with "
+                          "transformers' save_pretrained (e.g. openai/clip-vit-large-patch14).")
     try:
         top = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -139,7 +146,24 @@ def convert_hf_clip_vision(hf: dict[str, torch.Tensor], layers: int, n_embd: int
     return out
 
 
+def _openai_projection(state: dict[str, torch.Tensor], n_embd: int) -> dict[str, torch.Tensor]:
+    """EasyNLP's rule: CLIP's proj is dropped when n_embd equals the ViT width, else it must map
+    the width to n_embd."""
+    width = state["class_embedding"].shape[0]
+    proj = state.pop("proj", None)
+    if n_embd == width:
+        return state
+    if proj is None or proj.shape[1] != n_embd:
+        raise ConfigError(f"n_embd={n_embd} matches neither the CLIP width ({width}, projection dropped) nor "
+                          f"its projection ({None if proj is None else tuple(proj.shape)})")
+    return {**state, "proj": proj}
+
+
 def load_clip_vision(module: torch.nn.Module, path: str | Path, n_embd: int, layers: int) -> None:
-    """Copy a HF CLIP directory's vision weights into ``module`` (a VisionTransformer), strictly."""
-    state = convert_hf_clip_vision(read_hf_state_dict(path), layers, n_embd)
+    """Copy CLIP vision weights (an OpenAI ``.pt`` file or a HF directory) into ``module`` (a
+    VisionTransformer), strictly."""
+    if Path(path).is_file():
+        state = _openai_projection(clip_visual_weights(path), n_embd)
+    else:
+        state = convert_hf_clip_vision(read_hf_state_dict(path), layers, n_embd)
     load_strict(module, state, f"CLIP weights from {str(path)!r} do not fit the frame encoder")

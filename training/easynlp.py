@@ -29,15 +29,15 @@ from v2t_engine.errors import ArtifactError, ConfigError
 from v2t_engine.params import get_int
 from v2t_engine.tokenizer import CaptionTokenizer
 
+from v2t_training.openai_clip import vit_shape
+
 MODEL_TYPE = "mingpt_i2t"
 WEIGHTS_FILE = "pytorch_model.bin"
 CONFIG_FILE = "config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
 DEFAULT_FRAME_NUM = 3  # EasyNLP's, when the run's parameters do not say
-VIT_HEAD_DIM = 64  # OpenAI CLIP's ViTs all use 64-wide heads
 # Buffers EasyNLP saves that v2t's model rebuilds: minGPT's causal mask of each block.
 _DERIVED = re.compile(r"^transformer\.blocks\.\d+\.attn\.mask$")
-_RESBLOCK = re.compile(r"^first_stage_model\.transformer\.resblocks\.(\d+)\.")
 
 
 def is_easynlp_checkpoint(path: str | Path) -> bool:
@@ -75,21 +75,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def vit_fields(state: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
     """The frame encoder's shape, read off its weights as EasyNLP infers it."""
-    try:
-        conv = state["first_stage_model.conv1.weight"]  # (width, 3, patch, patch)
-        positions = state["first_stage_model.positional_embedding"]  # (grid^2 + 1, width)
-    except KeyError as err:
-        raise ArtifactError(f"{file} has no {err.args[0]}: its frame encoder is not an OpenAI CLIP ViT, "
-                            "the only one v2t builds") from None
-    width, channels, patch, patch_w = conv.shape
-    grid = round((positions.shape[0] - 1) ** 0.5)
-    layers = 1 + max((int(m.group(1)) for k in state if (m := _RESBLOCK.match(k))), default=-1)
-    if channels != 3 or patch != patch_w or grid * grid + 1 != positions.shape[0] or layers == 0 \
-            or width % VIT_HEAD_DIM:
-        raise ArtifactError(f"{file}: the frame encoder (conv1 {tuple(conv.shape)}, positions "
-                            f"{tuple(positions.shape)}, {layers} blocks) is not a CLIP ViT v2t can build")
-    return {"vit_width": width, "vit_layers": layers, "vit_heads": width // VIT_HEAD_DIM,
-            "vit_patch_size": patch, "img_size": grid * patch}
+    prefix = "first_stage_model."
+    return vit_shape({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, str(file))
 
 
 def run_parameters(path: Path) -> dict[str, str]:
