@@ -5,7 +5,7 @@ import pytest
 from v2t_engine.config import ModelConfig
 from v2t_engine.errors import ConfigError
 from v2t_engine.runtime.generator import generate_candidates
-from v2t_engine.runtime.search import SearchOptions, select_tokens
+from v2t_engine.runtime.search import SearchOptions, select_tokens, token_probabilities
 
 
 def test_greedy_is_argmax():
@@ -44,6 +44,39 @@ def test_sampling_follows_the_distribution_and_filters():
     # A low temperature sharpens towards the argmax.
     freq = np.bincount(select_tokens(logits, SearchOptions(do_sample=True, temperature=0.1), rng), minlength=4)
     assert freq[0] / 20000 > 0.99
+
+
+def test_token_probabilities_filter_and_renormalize():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    probs = token_probabilities(logits, SearchOptions(do_sample=True, top_k=2))
+    assert np.allclose(probs[0], [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+    assert np.allclose(probs[1], 0.25)  # four tokens tie at the 2nd value: all kept
+    probs = token_probabilities(logits, SearchOptions(do_sample=True, top_p=0.6))
+    assert np.allclose(probs[0], [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+    assert np.allclose(token_probabilities(logits, SearchOptions(do_sample=True, top_k=9)).sum(-1), 1)
+
+
+class FixedDraws:
+    """A generator whose uniform draws are given: the ends of [0, 1) that a real one rarely hits."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self, shape):
+        return np.full(shape, self.u)
+
+
+def test_filtered_tokens_are_never_drawn_even_at_the_ends_of_the_draw():
+    logits = np.array([[0.0, 5.0, 4.0, 0.0]])  # top_k=2 leaves tokens 1 and 2
+    opts = SearchOptions(do_sample=True, top_k=2)
+    assert select_tokens(logits, opts, FixedDraws(0.0)).tolist() == [1]
+    # Here the kept mass sums to 1 - 2**-52 in float64, below the largest draw: the last kept
+    # token, not the filtered one after it.
+    logits = np.array([[1.3458754237823045, 0.7813114007004275, 0.2644556303293035, -0.3139228145364278,
+                        1.4580206835369587, -50.0]])
+    opts = SearchOptions(do_sample=True, top_k=5)
+    assert np.cumsum(token_probabilities(logits, opts))[-1] < np.nextafter(1.0, 0.0)
+    assert select_tokens(logits, opts, FixedDraws(np.nextafter(1.0, 0.0))).tolist() == [4]
 
 
 @pytest.mark.parametrize("kwargs", [{"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": 0.0},

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from v2t_engine.errors import ArtifactError
-from v2t_engine.tokenizer import CaptionTokenizer, join_tokens
+from v2t_engine.errors import ArtifactError, ConfigError
+from v2t_engine.tokenizer import CaptionTokenizer, easynlp_join, join_tokens
 
 CAPTIONS = [
     "红色的圆形从左向右移动",
@@ -141,3 +141,24 @@ def test_join_tokens_spacing() -> None:
     assert join_tokens(["一", "个", "LED", "灯"]) == "一个LED灯"
     assert join_tokens(["a", "red", "l", "##ed", ",", "ok", "。"]) == "a red led, ok。"
     assert join_tokens(["##ed", "x"]) == "ed x"
+
+
+def test_easynlp_join() -> None:
+    # EasyNLP's text: " ".join, " ##" removed, then every whitespace character removed.
+    assert easynlp_join(["a", "red", "l", "##ed", "[SEP]", "灯"]) == "aredled[SEP]灯"
+    assert easynlp_join(["##ed", "x", "[CLS]", "##s"]) == "##edx[CLS]s"
+    assert easynlp_join([]) == ""
+
+
+def test_decode_styles(bert_dir: Path) -> None:
+    tok = CaptionTokenizer.from_dir(bert_dir)
+    ids = [BERT_VOCAB.index(t) for t in ("the", "red", "led", "##s", "[SEP]", "红")] + [tok.pad_id, 5]
+    assert tok.decode(ids) == tok.decode(ids, style="v2t") == "the red leds红"
+    assert tok.decode(ids, style="easynlp") == "theredleds[SEP]红"
+    easy = tok.with_decode_style("easynlp")  # a copy whose default is EasyNLP's text
+    assert easy.decode(ids) == easy.decode_batch([ids])[0] == "theredleds[SEP]红"
+    assert easy.decode(ids, style="v2t") == tok.decode(ids) == "the red leds红"  # the original keeps its style
+    with pytest.raises(ConfigError, match="easynlp"):
+        tok.decode(ids, style="EasyNLP")
+    with pytest.raises(ConfigError, match="easynlp"):
+        tok.with_decode_style("json")

@@ -8,6 +8,7 @@ themselves when none is given. Training and inference share this one class.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import ClassVar, Iterable, Sequence
@@ -20,6 +21,8 @@ from .errors import ArtifactError, ConfigError
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies: [PAD] is id 0
 PREFIX = "##"  # WordPiece continuation marker
+# How `decode` writes a caption: "v2t" (join_tokens) or "easynlp" (easynlp_join, EasyNLP's text).
+DECODE_STYLES: tuple[str, ...] = ("v2t", "easynlp")
 
 
 def is_cjk(ch: str) -> bool:
@@ -65,6 +68,14 @@ def join_tokens(tokens: Sequence[str]) -> str:
     return "".join(out)
 
 
+def easynlp_join(tokens: Sequence[str]) -> str:
+    """Join tokens as EasyNLP's captions are written (ImageTextBERTTokenizer.decode over its
+    BertTokenizer): tokens joined with single spaces, every " ##" removed (so a leading `##piece`
+    keeps its `##`), then every whitespace character removed. BERT's clean-up step between the
+    two only deletes spaces, so it changes nothing here."""
+    return "".join(" ".join(tokens).replace(" " + PREFIX, "").split())
+
+
 class CaptionTokenizer:
     """WordPiece tokenizer with EasyNLP's caption conventions ([PAD] = end = padding)."""
 
@@ -84,6 +95,7 @@ class CaptionTokenizer:
         added_special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
         self._special_ids: frozenset[int] = frozenset(
             vocab[t] for t in set(SPECIAL_TOKENS) | added_special if t in vocab)
+        self.decode_style = DECODE_STYLES[0]  # what `decode` does when given no style
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -171,27 +183,47 @@ class CaptionTokenizer:
             row[: len(ids)] = ids
         return out
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of a generated id sequence: stops at the first [PAD], drops other special tokens,
-        joins `##` pieces, and writes no space next to CJK characters or CJK punctuation.
+    def decode(self, ids: Iterable[int], style: str | None = None) -> str:
+        """Text of a generated id sequence, which stops at the first [PAD]; `style` (default: this
+        tokenizer's `decode_style`) is one of DECODE_STYLES:
 
-        Difference from EasyNLP: EasyNLP removes all spaces from the decoded text; we keep the
-        spaces between Latin words ("一个LED灯", but "a red LED" rather than "aredLED").
+        - "v2t": drops other special tokens and ids outside the vocabulary, joins `##` pieces, and
+          writes no space next to CJK characters or CJK punctuation but one between Latin words
+          ("一个LED灯", "a red LED"; EasyNLP would write "aredled").
+        - "easynlp": EasyNLP's caption text, character for character: [CLS], [SEP], [UNK], [MASK]
+          and [unusedN] stay as written, an id outside the vocabulary reads [UNK] (its
+          ids_to_tokens fallback), and the tokens are joined by `easynlp_join`.
         """
+        easynlp = self._style(style) == "easynlp"
         tokens: list[str] = []
         for i in ids:
             i = int(i)
             if i == self.pad_id:
                 break
-            if i in self._special_ids:
+            if i in self._special_ids and not easynlp:
                 continue
             tok = self._tok.id_to_token(i)
-            if tok is not None:  # ids outside the vocabulary (a bigger model head) are dropped
+            if tok is None and easynlp:
+                tok = UNK
+            if tok is not None:  # v2t drops ids outside the vocabulary (a bigger model head)
                 tokens.append(tok)
-        return join_tokens(tokens)
+        return easynlp_join(tokens) if easynlp else join_tokens(tokens)
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
+    def decode_batch(self, batch: Iterable[Iterable[int]], style: str | None = None) -> list[str]:
+        return [self.decode(ids, style) for ids in batch]
+
+    def with_decode_style(self, style: str) -> "CaptionTokenizer":
+        """A copy (sharing the vocabulary) whose `decode` defaults to `style`: hand it to a
+        Captioner to get EasyNLP's caption text everywhere that Captioner decodes."""
+        other = copy.copy(self)
+        other.decode_style = self._style(style)
+        return other
+
+    def _style(self, style: str | None) -> str:
+        style = self.decode_style if style is None else style
+        if style not in DECODE_STYLES:
+            raise ConfigError(f"decode style must be one of {', '.join(DECODE_STYLES)}, got {style!r}")
+        return style
 
     def tokens(self, text: str) -> list[str]:
         """WordPiece tokens of `text` (for inspection and tests)."""

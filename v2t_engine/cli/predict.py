@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN
-from ..jobs.predict import GEN_TEXT, PREDICT_PARAMS
+from ..jobs.predict import GEN_TEXT, OUTPUT_FORMATS, PREDICT_PARAMS
 from ..runtime.backends import backend_names
 from .options import (ColumnList, TableList, app_name_option, checkpoint_dir_option, compose, easynlp_option,
                       exit_with_report, first_sequence_option, micro_batch_size_option, mode_option,
@@ -32,6 +32,9 @@ sampling_options = compose(
 @easynlp_option("output_schema", type=ColumnList(), default=f"{IDX_COLUMN},{GEN_TEXT}", show_default=True,
                 help="Output columns: input column names and gen_text.")
 @easynlp_option("append_cols", type=ColumnList(), default="", help="Input columns to append to each output row.")
+@easynlp_option("output_format", type=click.Choice(OUTPUT_FORMATS), default="json", show_default=True,
+                help="gen_text as a JSON array of v2t's captions, or as EasyNLP writes it: the Python "
+                     "list repr of EasyNLP's caption text (special tokens kept, spaces removed).")
 @micro_batch_size_option
 @user_parameters_option(PREDICT_PARAMS)
 @click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto", show_default=True,
@@ -50,7 +53,7 @@ sampling_options = compose(
 def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, backend, device, threads,
                     do_sample, top_k, top_p, temperature, seed, frame_opts, idx_style, app_name, mode, **fields):
     """Caption every row of TABLES (or every video of VIDEOS) into OUTPUTS (idx TAB JSON list of
-    captions).
+    captions; with --output_format easynlp, the line EasyNLP's predictor writes).
 
     \b
     Example:

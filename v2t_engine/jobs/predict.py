@@ -1,6 +1,7 @@
 """`v2t predict` over tables or videos: stream rows, decode frames in a thread pool ahead of the
 model, caption with continuous batching, write ``idx \\t gen_text`` rows in input order, and
-report bad rows without stopping."""
+report bad rows without stopping. gen_text is a JSON array of the captions, or (output_format
+"easynlp") exactly what EasyNLP's predictor writes."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,8 @@ from ..runtime.search import SearchOptions
 log = logging.getLogger(__name__)
 
 GEN_TEXT = "gen_text"
+# json: a JSON array, v2t's caption text; easynlp: EasyNLP's str() of the list, EasyNLP's text.
+OUTPUT_FORMATS = ("json", "easynlp")
 # The --user_defined_parameters keys predict reads (EasyNLP's names).
 PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len",
                   "enable_img_path", "img_root_dir")
@@ -49,10 +52,14 @@ class PredictOptions:
     on_error: str = "skip"  # skip: report and go on; fail: stop at the first bad row
     frame_source: FrameSource = field(default_factory=FrameSource)
     workers: int = 2
+    output_format: str = "json"  # one of OUTPUT_FORMATS
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
             raise ConfigError(f"on_error must be skip or fail, got {self.on_error!r}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                              f"got {self.output_format!r}")
         if self.micro_batch_size < 1 or self.workers < 1:
             raise ConfigError("micro_batch_size and workers must be at least 1")
         names = set(self.input_schema.names)
@@ -152,6 +159,9 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     cfg = captioner.config
     opts.check_model(cfg)
     captioner.max_new_tokens(opts.text_len)  # a text_len the model cannot take fails before any work
+    if opts.output_format == "easynlp":
+        # EasyNLP's caption text as well as its list syntax: files then compare byte for byte.
+        captioner = Captioner(captioner.backend, captioner.tokenizer.with_decode_style("easynlp"))
     report = PredictReport(outputs=opts.outputs)
     source = _table_rows(opts.tables, opts.input_schema) if rows is None else rows
     with TableOutput(report) as out, ThreadPoolExecutor(opts.workers) as pool:
@@ -239,10 +249,19 @@ def _output_columns(row: TableRow, opts: PredictOptions) -> TableRow:
 
 
 def _output_fields(row: TableRow, candidates: list[str], opts: PredictOptions) -> list[str]:
-    # JSON array: json.loads reads it, and so does the ast.literal_eval EasyNLP users apply.
-    gen_text = json.dumps(candidates, ensure_ascii=False)
+    gen_text = format_gen_text(candidates, opts.output_format)
     return [gen_text if col == GEN_TEXT else row.fields[col]
             for col in (*opts.output_schema, *opts.append_cols)]
+
+
+def format_gen_text(candidates: list[str], output_format: str) -> str:
+    """The gen_text field of one row."""
+    if output_format == "easynlp":
+        # What EasyNLP's SimplePredictorManager writes (`str(output_dict["gen_text"])`): Python's
+        # list repr, single quotes unless a caption holds one, CJK as is.
+        return str([str(c) for c in candidates])  # plain str: numpy 2 would write np.str_('…')
+    # JSON array: json.loads reads it, and so does the ast.literal_eval EasyNLP users apply.
+    return json.dumps(candidates, ensure_ascii=False)
 
 
 def count_rows(tables: Iterable[str]) -> int | None:

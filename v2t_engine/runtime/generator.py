@@ -170,7 +170,9 @@ class CaptionGenerator:
             video.candidates[c] = self.state.tokens[r]
             video.remaining -= 1
             if video.remaining == 0:
-                finished.append((video.key, video.candidates))
+                # Greedy candidates are identical: one was decoded, and it stands for all of them.
+                n = self.opts.num_return
+                finished.append((video.key, np.repeat(video.candidates, n // len(video.candidates), axis=0)))
         return finished
 
     def _step(self) -> None:
@@ -213,6 +215,6 @@ def generate_candidates(backend: Backend, pixels: np.ndarray, opts: SearchOption
     seed = int(rng.integers(2 ** 63)) if opts.do_sample else None
     for i, candidates in stream_captions(backend, enumerate(pixels), opts, max_new_tokens,
                                          slots=max(1, B * n), seed=seed):
-        out[i] = candidates  # greedy: the one caption broadcasts to every candidate
+        out[i] = candidates
     return out
 

@@ -40,22 +40,47 @@ def select_tokens(logits: np.ndarray, opts: SearchOptions, rng: np.random.Genera
     """logits (B, V) → chosen token ids (B,) int64."""
     if not opts.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
+    probs = token_probabilities(logits, opts)
+    # Inverse-CDF sampling, one uniform draw per row: reproducible for a seeded generator. The
+    # first token whose cumulative mass exceeds u: a zero-probability (filtered) token never is,
+    # even for u = 0; when rounding leaves the total mass below u, the last token that can be.
+    u = rng.random((probs.shape[0], 1))
+    chosen = (np.cumsum(probs, axis=-1) <= u).sum(axis=-1)
+    last = probs.shape[-1] - 1 - (probs[:, ::-1] > 0).argmax(axis=-1)
+    return np.minimum(chosen, last).astype(np.int64)
+
+
+def token_probabilities(logits: np.ndarray, opts: SearchOptions) -> np.ndarray:
+    """logits (B, V) → the distribution `select_tokens` samples from (B, V) float64: logits /
+    temperature, the top-k filter, softmax, then the top-p filter (renormalized).
+
+    With top_p = 1 this is EasyNLP's `generate` step (logits / temperature, `top_k_logits`,
+    softmax); tests/test_easynlp_parity.py checks it against a torch rendering of that code.
+    """
     scores = logits.astype(np.float64) / opts.temperature  # float64: softmax of large logits
-    if opts.top_k and opts.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -opts.top_k, axis=-1)[:, -opts.top_k][:, None]  # (B, 1)
-        scores = np.where(scores < kth, -np.inf, scores)
+    if opts.top_k and opts.top_k < scores.shape[-1]:  # k >= V keeps every token
+        scores = _top_k_filter(scores, opts.top_k)
     probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     if opts.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p; the first token always survives.
-        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= opts.top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
-    # Inverse-CDF sampling, one uniform draw per row: reproducible for a seeded generator.
-    u = rng.random((probs.shape[0], 1))
-    chosen = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
-    return np.minimum(chosen, probs.shape[-1] - 1).astype(np.int64)
+        probs = _top_p_filter(probs, opts.top_p)
+    return probs
+
+
+def _top_k_filter(scores: np.ndarray, k: int) -> np.ndarray:
+    """-inf below the k-th largest score of each row. Ties at the k-th value all survive (so more
+    than k tokens may), as in EasyNLP's `top_k_logits` (`out[out < v[..., [-1]]] = -inf`)."""
+    kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]  # (B, 1)
+    return np.where(scores < kth, -np.inf, scores)
+
+
+def _top_p_filter(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Keep the smallest prefix (by probability) whose mass reaches top_p; the first token always
+    survives. Renormalized."""
+    order = np.argsort(-probs, axis=-1)
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+    drop = np.zeros_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    probs = np.where(drop, 0.0, probs)
+    return probs / probs.sum(axis=-1, keepdims=True)
