@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -330,7 +331,7 @@ def test_image_path_mode_relative_absolute_and_missing(tmp_path, monkeypatch):
     a, b = noise(20, 20, seed=3), noise(20, 20, seed=4)
     a.save(root / "clip1" / "0.png")
     b.save(tmp_path / "abs.png")
-    source = FrameSource(enable_img_path=True, img_root_dir=str(root))
+    source = FrameSource(enable_img_path=True, img_root_dir=str(root), allow_outside_root=True)
     field = json.dumps(["clip1/0.png", str(tmp_path / "abs.png")])
     pixels, padded = load_row_frames(field, 2, S, source)
     np.testing.assert_array_equal(pixels[0], crop_frame(a, S))
@@ -347,6 +348,48 @@ def test_image_path_mode_relative_absolute_and_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     pixels, _ = load_row_frames(json.dumps(["clip1/0.png"]), 1, S, FrameSource(enable_img_path=True))
     np.testing.assert_array_equal(pixels[0], crop_frame(a, S))
+
+
+def test_image_paths_stay_inside_the_root_and_are_bounded(tmp_path):
+    """Hostile image paths are row errors with a reason, read nothing unbounded, and never hang."""
+    root = tmp_path / "frames"
+    root.mkdir()
+    noise(20, 20, seed=3).save(root / "ok.png")
+    noise(20, 20, seed=4).save(tmp_path / "outside.png")
+    os.mkfifo(root / "fifo")
+    (root / "loop").symlink_to(root / "loop")
+    (root / "out_link.png").symlink_to(tmp_path / "outside.png")
+    with open(root / "huge.png", "wb") as f:
+        f.truncate(3 << 30)  # sparse: 3 GB that take no disk
+    source = FrameSource(enable_img_path=True, img_root_dir=str(root), max_image_bytes=1 << 20)
+    cases = {
+        str(tmp_path / "outside.png"): "leaves img_root_dir",
+        "../outside.png": "leaves img_root_dir",
+        "out_link.png": "leaves img_root_dir",
+        "/dev/zero": "leaves img_root_dir",
+        "fifo": "not a regular file",
+        ".": "not a regular file",
+        "loop": "cannot read image file",
+        "huge.png": "3221225472 bytes, over the limit of 1048576 (max_image_bytes)",
+    }
+    for entry, reason in cases.items():
+        with pytest.raises(FrameError, match=re.escape(reason)):
+            load_row_frames(json.dumps([entry]), 1, S, source)
+    outside_ok = FrameSource(enable_img_path=True, img_root_dir=str(root), allow_outside_root=True)
+    with pytest.raises(FrameError, match="not a regular file"):
+        load_row_frames(json.dumps(["/dev/zero"]), 1, S, outside_ok)
+    load_row_frames(json.dumps(["ok.png", "../outside.png"]), 2, S, outside_ok)
+    with pytest.raises(FrameError, match="over the limit of 100 .max_image_bytes."):
+        load_row_frames(frames_field(image_bytes(noise(20, 20, seed=5))), 1, S, FrameSource(max_image_bytes=100))
+
+
+def test_frame_source_reads_its_user_parameters(tmp_path):
+    source = FrameSource.from_user_parameters({"enable_img_path": "true", "img_root_dir": str(tmp_path),
+                                               "allow_outside_root": "yes", "max_image_bytes": "1000"})
+    assert source == FrameSource(True, str(tmp_path), True, 1000)
+    assert FrameSource.from_user_parameters({}) == FrameSource()
+    with pytest.raises(ConfigError, match="max_image_bytes must be an integer"):
+        FrameSource.from_user_parameters({"max_image_bytes": "lots"})
 
 
 def test_frame_source_validation(tmp_path):

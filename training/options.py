@@ -16,11 +16,12 @@ from typing import Any
 import click
 
 from v2t_engine.errors import ConfigError
+from v2t_engine.inputs.frames import FrameSource
 from v2t_engine.inputs.tables import FRAMES_COLUMN, TEXT_COLUMN
 
 TRAIN_PARAMS = ("frame_num", "img_size", "img_len", "text_len", "block_size", "n_layer", "n_head", "n_embd",
                 "vit_ckpt_path", "vit_width", "vit_layers", "vit_heads", "vit_patch_size", "freeze_vit",
-                "pretrain_model_name_or_path", "enable_img_path", "img_root_dir")
+                "pretrain_model_name_or_path", *FrameSource.PARAMETERS)
 # The frame encoder's learning rate relative to --learning_rate, by optimizer: under AdamW a ViT
 # trained from scratch at the decoder's rate was unstable (measured values: README, "Training
 # defaults").

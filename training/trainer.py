@@ -27,7 +27,6 @@ from tqdm import tqdm
 from v2t_engine.errors import ArtifactError
 from v2t_engine.inputs.frames import FrameSource
 from v2t_engine.inputs.tables import InputSchema
-from v2t_engine.params import get_bool
 from v2t_engine.tokenizer import CaptionTokenizer
 
 from v2t_training import checkpoint as ckpt
@@ -91,8 +90,7 @@ class Trainer:
         """(training data, validation data or None, whether all training frames are cached)."""
         opts, cfg, params = self.opts, self.cfg, self.opts.user_defined_parameters
         spec = DataSpec(opts.first_sequence, opts.second_sequence, cfg.frame_num, cfg.img_size, cfg.text_len,
-                        FrameSource(enable_img_path=get_bool(params, "enable_img_path", False),
-                                    img_root_dir=params.get("img_root_dir")))
+                        FrameSource.from_user_parameters(params))
 
         def load(path: str) -> CaptionDataset:
             return CaptionDataset(path, schema, spec, self.tokenizer, opts.cache_budget_bytes)

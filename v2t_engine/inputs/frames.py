@@ -12,6 +12,8 @@ import binascii
 import io
 import json
 import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,33 +21,55 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, FrameError, RowError
+from ..params import get_bool, get_int
 from .preprocess import crop_frame
 from .tables import TableRow
 
 
 @dataclass(frozen=True)
 class FrameSource:
-    """Where frames come from.
+    """Where frames come from, and the limits a row's frames are held to before any is decoded.
 
     enable_img_path: entries are image paths instead of base64 images.
     img_root_dir: the directory relative paths are resolved against. None means the current
-        working directory (what a relative path means to any other tool); absolute entries are
-        used as they are either way.
+        working directory (what a relative path means to any other tool).
+    allow_outside_root: paths that leave the root (absolute ones, ``..``, links pointing out)
+        are row errors unless this is set: a table from someone else must not make v2t read, and
+        name in its reports, any file the process can read.
+    max_image_bytes: an image file or base64 frame larger than this is rejected before it is
+        read or decoded (a path to /dev/zero or a huge file cannot fill memory); only regular
+        files are read at all (no devices, FIFOs or directories).
     max_image_pixels: a frame whose header declares more pixels (width × height) is rejected
-        before its pixels are decoded, so a hostile or broken row cannot exhaust memory.
-        The default (50 MP) is below PIL's own decompression-bomb threshold (~89 MP), so every
-        image PIL would warn about is rejected here first.
+        before its pixels are decoded. The default (50 MP) is below PIL's own decompression-bomb
+        threshold (~89 MP), so every image PIL would warn about is rejected here first.
     """
 
     enable_img_path: bool = False
     img_root_dir: str | None = None
+    allow_outside_root: bool = False
+    max_image_bytes: int = 50_000_000
     max_image_pixels: int = 50_000_000
 
+    # The --user_defined_parameters keys `from_user_parameters` reads.
+    PARAMETERS = ("enable_img_path", "img_root_dir", "allow_outside_root", "max_image_bytes", "max_image_pixels")
+
     def __post_init__(self) -> None:
-        if self.max_image_pixels < 1:
-            raise ConfigError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
+            raise ConfigError("max_image_pixels and max_image_bytes must be positive, got "
+                              f"{self.max_image_pixels} and {self.max_image_bytes}")
         if self.enable_img_path and self.img_root_dir is not None and not os.path.isdir(self.img_root_dir):
             raise ConfigError(f"img_root_dir {self.img_root_dir!r} is not a directory")
+
+    @classmethod
+    def from_user_parameters(cls, params: Mapping[str, str]) -> "FrameSource":
+        """EasyNLP's ``enable_img_path`` and ``img_root_dir``, and v2t's limits, from
+        ``--user_defined_parameters`` (defaults where absent)."""
+        defaults = cls()
+        return cls(enable_img_path=get_bool(params, "enable_img_path", defaults.enable_img_path),
+                   img_root_dir=params.get("img_root_dir"),
+                   allow_outside_root=get_bool(params, "allow_outside_root", defaults.allow_outside_root),
+                   max_image_bytes=get_int(params, "max_image_bytes", defaults.max_image_bytes),
+                   max_image_pixels=get_int(params, "max_image_pixels", defaults.max_image_pixels))
 
 
 def parse_frame_list(field: str) -> list[str]:
@@ -86,6 +110,14 @@ def decode_base64_frame(text: str) -> bytes:
 
 
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def _decode_capped(text: str, source: FrameSource) -> bytes:
+    """decode_base64_frame, refusing before decoding a frame that would exceed max_image_bytes."""
+    if len(text) * 3 // 4 > source.max_image_bytes:
+        raise FrameError(f"base64 frame of about {len(text) * 3 // 4} bytes is over the limit of "
+                         f"{source.max_image_bytes} (max_image_bytes)")
+    return decode_base64_frame(text)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -137,7 +169,7 @@ def load_row_frames(field: str, frame_num: int, img_size: int,
     crops = []
     for i, entry in enumerate(parse_frame_list(field)[:frame_num], start=1):
         try:
-            data = _read_path(entry, source) if source.enable_img_path else decode_base64_frame(entry)
+            data = _read_path(entry, source) if source.enable_img_path else _decode_capped(entry, source)
             crops.append(crop_frame(open_image(data, source.max_image_pixels), img_size))
         except FrameError as err:
             raise FrameError(f"frame {i}: {err}") from None
@@ -149,14 +181,27 @@ def load_row_frames(field: str, frame_num: int, img_size: int,
 def _read_path(entry: str, source: FrameSource) -> bytes:
     if not entry.strip():
         raise FrameError("empty image path")
-    # Path(root, "/abs/x.jpg") is "/abs/x.jpg": absolute entries ignore the root, as documented.
-    path = Path(source.img_root_dir, entry) if source.img_root_dir is not None else Path(entry)
+    root = Path(source.img_root_dir if source.img_root_dir is not None else os.getcwd())
+    path = root / entry  # an absolute entry replaces the root
     try:
-        return path.read_bytes()
+        real = path.resolve(strict=True)
+        if not source.allow_outside_root and not real.is_relative_to(root.resolve()):
+            raise FrameError(f"image path {entry!r} leaves img_root_dir (allow_outside_root=true reads it)")
+        info = real.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise FrameError(f"image path {entry!r} is not a regular file (a directory, device or FIFO)")
+        if info.st_size > source.max_image_bytes:
+            raise FrameError(f"image file {entry!r} has {info.st_size} bytes, over the limit of "
+                             f"{source.max_image_bytes} (max_image_bytes)")
+        with open(real, "rb") as f:
+            data = f.read(source.max_image_bytes + 1)  # a file that grew since stat is still capped
     except FileNotFoundError:
-        raise FrameError(f"image file not found: {str(path)!r}") from None
-    except OSError as err:
-        raise FrameError(f"cannot read image file {str(path)!r} ({err.strerror or err})") from None
+        raise FrameError(f"image file not found: {entry!r}") from None
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop on older Pythons
+        raise FrameError(f"cannot read image file {entry!r} ({getattr(err, 'strerror', None) or err})") from None
+    if len(data) > source.max_image_bytes:
+        raise FrameError(f"image file {entry!r} is over the limit of {source.max_image_bytes} bytes (max_image_bytes)")
+    return data
 
 
 def row_frames_or_error(row: TableRow, column: str, frame_num: int, img_size: int,

@@ -20,7 +20,7 @@ from ..inputs.frames import FrameSource, row_frames_or_error
 from ..inputs.preprocess import normalize
 from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines, read_table
 from ..inputs.writer import TableOutput, TableReport
-from ..params import get_bool, get_int
+from ..params import get_int
 from ..runtime.captioner import Captioner
 from ..runtime.search import SearchOptions
 
@@ -31,7 +31,7 @@ GEN_TEXT = "gen_text"
 OUTPUT_FORMATS = ("json", "easynlp")
 # The --user_defined_parameters keys predict reads (EasyNLP's names).
 PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len",
-                  "enable_img_path", "img_root_dir")
+                  *FrameSource.PARAMETERS)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,7 @@ class PredictOptions:
                               f"known keys: {', '.join(PREDICT_PARAMS)}")
         ints = {k: get_int(params, k) for k in ("frame_num", "text_len", "img_size", "img_len")}
         search = dataclasses.replace(search, num_return=get_int(params, "max_generated_num", search.num_return))
-        source = FrameSource(enable_img_path=get_bool(params, "enable_img_path", False),
-                             img_root_dir=params.get("img_root_dir"))
+        source = FrameSource.from_user_parameters(params)
         return cls(**ints, search=search, frame_source=source, **fields)
 
     def check_model(self, cfg: ModelConfig) -> None:
