@@ -383,10 +383,36 @@ def test_image_paths_stay_inside_the_root_and_are_bounded(tmp_path):
         load_row_frames(frames_field(image_bytes(noise(20, 20, seed=5))), 1, S, FrameSource(max_image_bytes=100))
 
 
+def test_over_long_rows_are_row_errors_skipped_unread(tmp_path):
+    schema = InputSchema.parse("idx:str:1,imgbase64:str:1")
+    table = tmp_path / "t.txt"
+    good = f"a\t{frames_field(image_bytes(noise(8, 8)))}\n"
+    with open(table, "w", encoding="utf-8") as f:
+        f.write(good)
+        f.write("huge\t[\"" + "A" * 5_000_000 + "\"]\n")  # 5 MB line
+        f.write(good.replace("a\t", "b\t"))
+        f.write("tail\t" + "B" * 3_000_000)  # over-long last line without a line end
+    rows = list(read_table(table, schema, max_row_bytes=1 << 20))
+    assert [r.idx for r in rows] == ["a", "huge", "b", "tail"]
+    assert [type(r).__name__ for r in rows] == ["TableRow", "RowError", "TableRow", "RowError"]
+    assert rows[1].line_no == 2 and "longer than 1048576 bytes (max_row_bytes)" in rows[1].reason
+    assert rows[3].line_no == 4
+    with pytest.raises(ConfigError, match="max_row_bytes"):
+        read_table(table, schema, max_row_bytes=0)
+
+
+def test_a_row_listing_too_many_frames_is_a_row_error():
+    frame = b64(image_bytes(noise(8, 8)))
+    with pytest.raises(FrameError, match="10000 frames listed, over the limit of 1024 .max_row_frames."):
+        load_row_frames(json.dumps([frame] * 10_000), 1, S, FrameSource())
+    assert load_row_frames(json.dumps([frame] * 10_000), 1, S, FrameSource(max_row_frames=10_000))[0].shape[0] == 1
+
+
 def test_frame_source_reads_its_user_parameters(tmp_path):
     source = FrameSource.from_user_parameters({"enable_img_path": "true", "img_root_dir": str(tmp_path),
                                                "allow_outside_root": "yes", "max_image_bytes": "1000"})
-    assert source == FrameSource(True, str(tmp_path), True, 1000)
+    assert source == FrameSource(enable_img_path=True, img_root_dir=str(tmp_path), allow_outside_root=True,
+                                 max_image_bytes=1000)
     assert FrameSource.from_user_parameters({}) == FrameSource()
     with pytest.raises(ConfigError, match="max_image_bytes must be an integer"):
         FrameSource.from_user_parameters({"max_image_bytes": "lots"})

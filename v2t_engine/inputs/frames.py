@@ -39,6 +39,8 @@ class FrameSource:
     max_image_bytes: an image file or base64 frame larger than this is rejected before it is
         read or decoded (a path to /dev/zero or a huge file cannot fill memory); only regular
         files are read at all (no devices, FIFOs or directories).
+    max_row_frames: a frames list longer than this is a row error (only the first frame_num
+        frames are ever decoded, but a list of thousands is a broken or hostile row).
     max_image_pixels: a frame whose header declares more pixels (width × height) is rejected
         before its pixels are decoded. The default (50 MP) is below PIL's own decompression-bomb
         threshold (~89 MP), so every image PIL would warn about is rejected here first.
@@ -48,15 +50,17 @@ class FrameSource:
     img_root_dir: str | None = None
     allow_outside_root: bool = False
     max_image_bytes: int = 50_000_000
+    max_row_frames: int = 1024
     max_image_pixels: int = 50_000_000
 
     # The --user_defined_parameters keys `from_user_parameters` reads.
-    PARAMETERS = ("enable_img_path", "img_root_dir", "allow_outside_root", "max_image_bytes", "max_image_pixels")
+    PARAMETERS = ("enable_img_path", "img_root_dir", "allow_outside_root", "max_image_bytes", "max_row_frames",
+                  "max_image_pixels")
 
     def __post_init__(self) -> None:
-        if self.max_image_pixels < 1 or self.max_image_bytes < 1:
-            raise ConfigError("max_image_pixels and max_image_bytes must be positive, got "
-                              f"{self.max_image_pixels} and {self.max_image_bytes}")
+        for key in ("max_image_bytes", "max_row_frames", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.enable_img_path and self.img_root_dir is not None and not os.path.isdir(self.img_root_dir):
             raise ConfigError(f"img_root_dir {self.img_root_dir!r} is not a directory")
 
@@ -69,6 +73,7 @@ class FrameSource:
                    img_root_dir=params.get("img_root_dir"),
                    allow_outside_root=get_bool(params, "allow_outside_root", defaults.allow_outside_root),
                    max_image_bytes=get_int(params, "max_image_bytes", defaults.max_image_bytes),
+                   max_row_frames=get_int(params, "max_row_frames", defaults.max_row_frames),
                    max_image_pixels=get_int(params, "max_image_pixels", defaults.max_image_pixels))
 
 
@@ -167,7 +172,10 @@ def load_row_frames(field: str, frame_num: int, img_size: int,
     if frame_num < 1:
         raise ConfigError(f"frame_num must be at least 1, got {frame_num}")
     crops = []
-    for i, entry in enumerate(parse_frame_list(field)[:frame_num], start=1):
+    entries = parse_frame_list(field)
+    if len(entries) > source.max_row_frames:
+        raise FrameError(f"{len(entries)} frames listed, over the limit of {source.max_row_frames} (max_row_frames)")
+    for i, entry in enumerate(entries[:frame_num], start=1):
         try:
             data = _read_path(entry, source) if source.enable_img_path else _decode_capped(entry, source)
             crops.append(crop_frame(open_image(data, source.max_image_pixels), img_size))

@@ -17,6 +17,8 @@ from ..errors import ConfigError, RowError, TableError
 IDX_COLUMN = "idx"
 FRAMES_COLUMN = "imgbase64"
 TEXT_COLUMN = "text"
+# The longest table line read (a row of base64 frames); longer lines are row errors.
+DEFAULT_MAX_ROW_BYTES = 1 << 30
 # The types EasyNLP's schemas use. v2t keeps every field as text; the type is only validated.
 _SCHEMA_TYPES = ("str", "int", "float")
 _BOM = b"\xef\xbb\xbf"
@@ -101,12 +103,15 @@ def iter_tables(spec: str) -> list[str]:
     return paths
 
 
-def read_table(path: str | os.PathLike, schema: InputSchema) -> Iterator[TableRow | RowError]:
+def read_table(path: str | os.PathLike, schema: InputSchema,
+               max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[TableRow | RowError]:
     """Yield the rows of one table in order, lazily.
 
     A row that cannot be split into the schema's columns is yielded as a RowError (not raised),
     so callers can report it and go on. Blank lines are skipped; a UTF-8 BOM and CRLF line ends
-    are tolerated; fields beyond the schema are ignored (EasyNLP ignores them too).
+    are tolerated; fields beyond the schema are ignored (EasyNLP ignores them too). A line longer
+    than `max_row_bytes` is a RowError too, and is skipped in chunks, never held in memory (a
+    table that is one endless line, like /dev/zero, cannot exhaust it).
 
     The missing-file check runs now, not at the first ``next()``, so a typo in the last of
     several tables fails before the first one has been processed. Pipes are fine
@@ -117,21 +122,43 @@ def read_table(path: str | os.PathLike, schema: InputSchema) -> Iterator[TableRo
         raise TableError(f"table {str(path)!r} does not exist")
     if path.is_dir():
         raise TableError(f"table {str(path)!r} is a directory, not a file")
-    return _rows(path, schema)
+    if max_row_bytes < 1:
+        raise ConfigError(f"max_row_bytes must be positive, got {max_row_bytes}")
+    return _rows(path, schema, max_row_bytes)
 
 
-def _rows(path: Path, schema: InputSchema) -> Iterator[TableRow | RowError]:
+def _rows(path: Path, schema: InputSchema, max_row_bytes: int) -> Iterator[TableRow | RowError]:
     try:
         # Binary mode and per-line decoding: one row with invalid UTF-8 becomes that row's
         # error instead of a UnicodeDecodeError that ends the whole job. Splitting on b"\n"
         # only (not universal newlines) keeps line numbers equal to what `wc -l`/editors show.
         with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
+            line_no = 0
+            while raw := f.readline(max_row_bytes + 1):
+                line_no += 1
+                if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+                    yield _too_long(raw, line_no, schema, max_row_bytes)
+                    _skip_line(f)
+                    continue
                 row = parse_line(raw, line_no, schema)
                 if row is not None:
                     yield row
     except OSError as err:
         raise TableError(f"cannot read table {str(path)!r}: {err}") from err
+
+
+def _too_long(head: bytes, line_no: int, schema: InputSchema, max_row_bytes: int) -> RowError:
+    names = schema.names
+    fields = head[:4096].decode("utf-8", "replace").split("\t")[:-1]  # only fields that end in view
+    idx = _field(fields, names.index(IDX_COLUMN) if IDX_COLUMN in names else None)
+    return RowError(line_no, idx, f"row longer than {max_row_bytes} bytes (max_row_bytes); skipped unread")
+
+
+def _skip_line(f) -> None:
+    """Read past the rest of the current line, a chunk at a time."""
+    while chunk := f.readline(1 << 20):
+        if chunk.endswith(b"\n"):
+            return
 
 
 def parse_line(raw: bytes, line_no: int, schema: InputSchema) -> TableRow | RowError | None:

@@ -18,7 +18,8 @@ from ..concurrency import map_ahead
 from ..errors import ConfigError, RowError, V2TError
 from ..inputs.frames import FrameSource, row_frames_or_error
 from ..inputs.preprocess import normalize
-from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines, read_table
+from ..inputs.tables import (DEFAULT_MAX_ROW_BYTES, FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow,
+                             count_lines, read_table)
 from ..inputs.writer import TableOutput, TableReport
 from ..params import get_int
 from ..runtime.captioner import Captioner
@@ -30,7 +31,7 @@ GEN_TEXT = "gen_text"
 # json: a JSON array, v2t's caption text; easynlp: EasyNLP's str() of the list, EasyNLP's text.
 OUTPUT_FORMATS = ("json", "easynlp")
 # The --user_defined_parameters keys predict reads (EasyNLP's names).
-PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len",
+PREDICT_PARAMS = ("frame_num", "max_generated_num", "text_len", "img_size", "img_len", "max_row_bytes",
                   *FrameSource.PARAMETERS)
 
 
@@ -53,6 +54,7 @@ class PredictOptions:
     frame_source: FrameSource = field(default_factory=FrameSource)
     workers: int = 2
     output_format: str = "json"  # one of OUTPUT_FORMATS
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer table lines are row errors, never read whole
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
@@ -80,6 +82,7 @@ class PredictOptions:
             raise ConfigError(f"user_defined_parameters: unknown key(s) {', '.join(unknown)}; "
                               f"known keys: {', '.join(PREDICT_PARAMS)}")
         ints = {k: get_int(params, k) for k in ("frame_num", "text_len", "img_size", "img_len")}
+        ints["max_row_bytes"] = get_int(params, "max_row_bytes", DEFAULT_MAX_ROW_BYTES)
         search = dataclasses.replace(search, num_return=get_int(params, "max_generated_num", search.num_return))
         source = FrameSource.from_user_parameters(params)
         return cls(**ints, search=search, frame_source=source, **fields)
@@ -162,7 +165,7 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
         # EasyNLP's caption text as well as its list syntax: files then compare byte for byte.
         captioner = Captioner(captioner.backend, captioner.tokenizer.with_decode_style("easynlp"))
     report = PredictReport(outputs=opts.outputs)
-    source = _table_rows(opts.tables, opts.input_schema) if rows is None else rows
+    source = _table_rows(opts) if rows is None else rows
     with TableOutput(report) as out, ThreadPoolExecutor(opts.workers) as pool:
         in_order = _InOrder(lambda row, captions: out.write_row(_output_fields(row, captions, opts)), progress)
         # Enough rows decoded ahead for a whole refill of the slots, so the model does not wait
@@ -186,9 +189,9 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     return report
 
 
-def _table_rows(tables: tuple[str, ...], schema: InputSchema) -> Iterator[TableRow | RowError]:
-    for table in tables:
-        yield from read_table(table, schema)
+def _table_rows(opts: PredictOptions) -> Iterator[TableRow | RowError]:
+    for table in opts.tables:
+        yield from read_table(table, opts.input_schema, opts.max_row_bytes)
 
 
 def _decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[TableRow | RowError], _Decoded]:
