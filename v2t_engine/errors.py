@@ -52,3 +52,7 @@ def import_optional(module: str, needed_for: str, install: str):
     except ImportError as err:
         raise MissingDependencyError(f"{needed_for} needs {err.name or module}, which is not "
                                      f"installed: {install}") from None
+
+
+class OutputError(V2TError):
+    """An output file cannot be written (disk full, permissions, another job holds it)."""

@@ -5,10 +5,14 @@ keeps what it finished) and the file is renamed onto ``<outputs>`` only when the
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from ..errors import OutputError
 
 
 class AtomicTableWriter:
@@ -89,31 +93,45 @@ class TableReport:
 class TableOutput:
     """A job's output table and its error report together: rows to ``OUTPUTS.partial``, failures
     to ``OUTPUTS.errors.tsv``; `commit` publishes both, `discard` leaves nothing, and an
-    interruption keeps the finished rows in ``OUTPUTS.partial``."""
+    interruption keeps the finished rows in ``OUTPUTS.partial``.
+
+    One writer per output: ``OUTPUTS.lock`` is held (flock) while the job runs, so a second job
+    on the same outputs is refused instead of interleaving rows. The kernel drops the lock when
+    its process dies, so a lock file left by a killed job never blocks the next one. A write
+    that fails (disk full, permissions) is an OutputError naming the file, not a traceback."""
 
     def __init__(self, report: TableReport):
         self.report = report
         self._rows = AtomicTableWriter(report.outputs)
         self._errors = ErrorReport(report.outputs)
+        self._lock_path = Path(report.outputs).with_name(Path(report.outputs).name + ".lock")
+        self._lock = None
 
     def __enter__(self) -> "TableOutput":
-        self._rows.__enter__()
+        with self._writing(self._rows.partial):
+            self._rows.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire(self._lock_path, self.report.outputs)
+            self._rows.__enter__()
         return self
 
     def write_row(self, fields: list[str]) -> None:
-        self._rows.write_row(fields)
+        with self._writing(self._rows.partial):
+            self._rows.write_row(fields)
         self.report.written += 1
 
     def add_error(self, line_no: int, idx: str | None, reason: str) -> None:
-        self._errors.add(line_no, idx, reason)
+        with self._writing(self._errors.path):
+            self._errors.add(line_no, idx, reason)
         self.report.failed += 1
 
     def flush(self) -> None:
-        self._rows.flush()
+        with self._writing(self._rows.partial):
+            self._rows.flush()
 
     def commit(self) -> None:
-        self._errors.close()
-        self._rows.commit()
+        with self._writing(self._rows.path):
+            self._errors.close()
+            self._rows.commit()
         self.report.errors_path = str(self._errors.path) if self.report.failed else None
 
     def discard(self) -> None:
@@ -121,5 +139,36 @@ class TableOutput:
         self._errors.close()
 
     def __exit__(self, *exc_info) -> None:
-        self._rows.__exit__(*exc_info)
-        self._errors.close()
+        try:
+            self._rows.__exit__(*exc_info)
+            self._errors.close()
+        except OSError:
+            pass  # the error that stopped the job was reported; a second one on close adds nothing
+        finally:
+            if self._lock is not None:
+                self._lock_path.unlink(missing_ok=True)  # while held: nobody waits on this inode
+                self._lock.close()
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            raise OutputError(f"cannot write {path}: {err.strerror or err}; the rows finished before "
+                              f"this are kept in {self._rows.partial}") from None
+
+
+def _acquire(lock_path: Path, outputs: str):
+    """An open, exclusively flocked lock file; OutputError when another job holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: one writer per output is the user's care
+        return None
+    handle = open(lock_path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputError(f"another v2t job is writing {outputs} (it holds {lock_path}); wait for it "
+                          "or choose other --outputs") from None
+    return handle
