@@ -27,10 +27,10 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".wmv", ".flv", ".mpg",
                             ".mpeg", ".ts", ".mts", ".m2ts", ".vob", ".3gp", ".ogv", ".gif", ".y4m"})
 # Text files: a --videos file with one of these suffixes is a list of paths, and a directory walk
-# passes them over (captions, lists, our own .partial/.errors.tsv outputs) instead of reporting
-# them as broken videos.
+# passes them over (captions, lists, our own .partial/.errors.tsv/.lock outputs) instead of
+# reporting them as broken videos.
 TEXT_SUFFIXES = frozenset({".txt", ".lst", ".list", ".tsv", ".csv", ".json", ".jsonl", ".md",
-                           ".srt", ".vtt", ".log", ".partial", ".yaml", ".yml", ".xml"})
+                           ".srt", ".vtt", ".log", ".partial", ".lock", ".yaml", ".yml", ".xml"})
 
 
 @dataclass(frozen=True)
