@@ -24,6 +24,13 @@ TRAIN_SCHEMA = "idx:str:1,imgbase64:str:1,text:str:1"
 TEST_SCHEMA = "idx:str:1,imgbase64:str:1"
 
 
+def export(checkpoint, tmp_path_factory, name):
+    """`v2t export --format onnx` of `checkpoint` into a fresh directory (validated)."""
+    out = tmp_path_factory.mktemp(name) / "onnx"
+    run_cli(["export", "--checkpoint_dir", checkpoint, "--format", "onnx", "--output", out])
+    return out
+
+
 def run_cli(args, expect_code=0):
     from v2t_engine.cli import main
 
@@ -85,9 +92,7 @@ def random_checkpoint(synth_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def random_export(random_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("random_export") / "onnx"
-    run_cli(["export", "--checkpoint_dir", random_checkpoint, "--format", "onnx", "--output", out])
-    return out
+    return export(random_checkpoint, tmp_path_factory, "random_export")
 
 
 # ------------------------------------------------------------------------------- slow tier
@@ -112,6 +117,4 @@ def trained_checkpoint(recipe_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_export(trained_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "onnx"
-    run_cli(["export", "--checkpoint_dir", trained_checkpoint, "--format", "onnx", "--output", out])
-    return out
+    return export(trained_checkpoint, tmp_path_factory, "export")
