@@ -40,7 +40,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
     quantize_graphs(*export_onnx(model, tmp), precision)
     tokenizer.save(tmp)
     manifest = Manifest(config=model.cfg, opset=OPSET, precision=precision,
-                        tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir))
+                        tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir)).with_file_digests(tmp)
     manifest.save(tmp)  # validation loads the directory as the runtime will
     report = validate_export(model, tmp, precision, min_agreement=min_agreement)
     manifest = dataclasses.replace(manifest, validation=report)

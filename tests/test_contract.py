@@ -59,6 +59,11 @@ def test_a_graph_that_breaks_the_contract_is_refused_on_load(random_export, tmp_
     batch.ClearField("dim_param")
     batch.dim_value = 3  # a graph exported for one batch size
     onnx.save(proto, str(broken / "decoder.onnx"))
+    with pytest.raises(ArtifactError, match="decoder.onnx is .* bytes, the manifest says"):
+        OrtBackend(broken)  # the manifest's file sizes catch it first
+    manifest = json.loads((broken / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["files"]  # without them, the session's own check against the contract
+    (broken / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(ArtifactError, match="'input_ids' axis 0 is fixed to 3, the contract says the dynamic axis 'batch'"):
         OrtBackend(broken)
     (broken / "frame_encoder.onnx").write_bytes(b"not a graph")
@@ -126,3 +131,24 @@ def test_the_pull_style_generator_takes_videos_while_it_runs(random_export, synt
     assert all(np.array_equal(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="slots"):
         gen.add(videos[:5])
+
+
+def test_export_files_are_checked_against_the_manifest(random_export, tmp_path):
+    manifest = json.loads((random_export / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["files"]) == {"frame_encoder.onnx", "decoder.onnx", "tokenizer.json"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(random_export, truncated)
+    graph = truncated / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"decoder.onnx is \d+ bytes, the manifest says \d+"):
+        load_backend(truncated)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(random_export, edited)
+    data = bytearray((edited / "tokenizer.json").read_bytes())
+    data[-3] ^= 1  # same size, other content
+    (edited / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="tokenizer.json does not have the SHA-256"):
+        load_backend(edited, verify=True)

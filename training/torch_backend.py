@@ -19,7 +19,9 @@ class TorchBackend:
     loads = ("a training checkpoint (config.json + model.safetensors, made by `v2t train`; or an EasyNLP "
              "video2text checkpoint: pytorch_model.bin + config.json + vocab.txt)")
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", threads: int | None = None,
+                 verify: bool = False):
+        del verify  # checkpoints record no digests; their loader checks every key and shape
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)

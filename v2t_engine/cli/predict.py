@@ -41,6 +41,9 @@ sampling_options = compose(
               help="auto: ONNX Runtime for an export directory, PyTorch for a training checkpoint.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
+@click.option("--verify", is_flag=True,
+              help="Check the SHA-256 of every export file against its manifest before running (sizes "
+                   "are always checked).")
 @sampling_options
 @easynlp_option("on_error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                 help="skip: report bad rows in OUTPUTS.errors.tsv and go on; fail: stop at the first.")
@@ -50,7 +53,7 @@ sampling_options = compose(
 @video_options("With --videos: frames per video (default: frame_num).")
 @app_name_option
 @mode_option
-def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, backend, device, threads,
+def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, backend, device, threads, verify,
                     do_sample, top_k, top_p, temperature, seed, frame_opts, idx_style, app_name, mode, **fields):
     """Caption every row of TABLES (or every video of VIDEOS) into OUTPUTS (idx TAB JSON list of
     captions; with --output_format easynlp, the line EasyNLP's predictor writes).
@@ -83,7 +86,7 @@ def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, bac
         from ..video.decode import require_av
 
         require_av()  # before the model loads: say it at once
-    captioner = Captioner.load(checkpoint_dir, backend=backend, device=device, threads=threads)
+    captioner = Captioner.load(checkpoint_dir, backend=backend, device=device, threads=threads, verify=verify)
     total = count_rows(opts.tables) if videos is None else count_inputs(videos)
     with tqdm(total=total, unit="row", desc="predict", dynamic_ncols=True, disable=None) as bar:
         if videos is None:

@@ -28,10 +28,11 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None) -> "Captioner":
+             threads: int | None = None, verify: bool = False) -> "Captioner":
         """An export directory runs on ONNX Runtime, a training checkpoint on the PyTorch
-        reference (with the training extra installed); `backend` names one instead."""
-        return cls(load_backend(path, backend, device, threads))
+        reference (with the training extra installed); `backend` names one instead. `verify`
+        checks the SHA-256 of the export's files against its manifest."""
+        return cls(load_backend(path, backend, device, threads, verify))
 
     def max_new_tokens(self, text_len: int | None) -> int:
         """Caption length limit: the model's text_len unless a shorter one is asked for. Longer is

@@ -4,6 +4,8 @@ Written by `v2t export`, read by the runtime; the runtime never looks at a check
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,6 +32,35 @@ class Manifest:
     tokenizer_file: str = TOKENIZER_FILE
     validation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # name → {"bytes": size, "sha256": hex digest} of every file the runtime reads: sizes are
+    # checked at every load (a truncated copy fails here, not inside ONNX Runtime), digests on
+    # request (`verify_files`; hashing a full-size graph takes seconds).
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def with_file_digests(self, directory: str | Path) -> "Manifest":
+        """This manifest with the sizes and SHA-256 of its graphs (and their weight side files)
+        and tokenizer in `directory`."""
+        directory = Path(directory)
+        names = [self.encoder_file, self.decoder_file, self.tokenizer_file]
+        names += [n + ".data" for n in names[:2] if (directory / (n + ".data")).is_file()]
+        return dataclasses.replace(self, files={n: {"bytes": (directory / n).stat().st_size,
+                                                    "sha256": _sha256(directory / n)} for n in names})
+
+    def check_files(self, directory: str | Path, verify: bool = False) -> None:
+        """ArtifactError naming a listed file that is missing, of another size, or (with
+        `verify`) of another SHA-256."""
+        directory = Path(directory)
+        for name, expected in self.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise ArtifactError(f"{path} is missing (listed in {directory / MANIFEST_FILE})")
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise ArtifactError(f"{path} is {size} bytes, the manifest says {expected['bytes']}: "
+                                    "truncated or replaced; re-export it with `v2t export`")
+            if verify and _sha256(path) != expected["sha256"]:
+                raise ArtifactError(f"{path} does not have the SHA-256 the manifest records: edited or "
+                                    "corrupted; re-export it with `v2t export`")
 
     def to_dict(self) -> dict[str, Any]:
         cfg = self.config
@@ -53,6 +84,7 @@ class Manifest:
             "special_tokens": {"pad_id": cfg.pad_id, "end_id": cfg.pad_id},
             "generation": {"max_new_tokens": cfg.text_len},
             "tokenizer": self.tokenizer_file,
+            "files": self.files,
             "validation": self.validation,
         }
 
@@ -64,7 +96,9 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path, verify: bool = False) -> "Manifest":
+        """Read and check the manifest: format, contract, files present with their recorded
+        sizes, and (with `verify`) their SHA-256."""
         directory = Path(directory)
         path = directory / MANIFEST_FILE
         try:
@@ -88,7 +122,7 @@ class Manifest:
             manifest = cls(config=config, opset=data["opset"], precision=data.get("precision", "fp32"),
                            encoder_file=graphs["frame_encoder"]["file"], decoder_file=graphs["decoder"]["file"],
                            tokenizer_file=data["tokenizer"], validation=data.get("validation", {}),
-                           source=data.get("source_checkpoint", ""))
+                           source=data.get("source_checkpoint", ""), files=data.get("files", {}))
         except KeyError as err:
             raise ArtifactError(f"{path} lacks the entry {err}; re-export with this v2t") from None
         except ConfigError as err:
@@ -96,7 +130,16 @@ class Manifest:
         for name in (manifest.encoder_file, manifest.decoder_file, manifest.tokenizer_file):
             if not (directory / name).is_file():
                 raise ArtifactError(f"{directory / name} is missing (listed in {path})")
+        manifest.check_files(directory, verify)
         return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_export_dir(path: str | Path) -> bool:

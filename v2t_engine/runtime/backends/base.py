@@ -24,6 +24,9 @@ class Backend(Protocol):
     config: ModelConfig
     tokenizer: CaptionTokenizer
 
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, verify: bool = False):
+        """Load what `path` holds; `verify` checks file digests where the format records them."""
+
     @classmethod
     def accepts(cls, path: Path) -> bool:
         """True when `path` holds what this backend loads (its `auto` choice)."""

@@ -63,9 +63,10 @@ class OrtBackend:
     name = "ort"
     loads = "an export directory (manifest.json; made by `v2t export`)"
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None,
+                 verify: bool = False):
         self.export_dir = Path(export_dir)
-        self.manifest = Manifest.load(self.export_dir)
+        self.manifest = Manifest.load(self.export_dir, verify=verify)
         self.config = cfg = self.manifest.config
         self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / self.manifest.tokenizer_file)
         opts, providers = session_options(threads), providers_for(device)
