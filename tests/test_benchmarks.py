@@ -21,6 +21,8 @@ def workdir(tmp_path_factory):
     ("bench_encoder.py", [], "Frame encoder"),
     ("bench_predict.py", ["--rows", "4", "--rss-rows", "2", "--batch-size", "2", "--frame-size", "48x40"],
      "End to end"),
+    ("bench_serve.py", ["--rows", "8", "--requests", "8", "--concurrency", "1,8", "--slots", "2",
+                        "--frame-size", "48x40"], "Serving: requests/s and latency"),
 ])
 def test_benchmark_script_runs_tiny(script, args, title, workdir):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", "--repeats", "1",

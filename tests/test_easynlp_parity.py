@@ -197,6 +197,7 @@ def predict_lines(export, table, out, *extra) -> list[str]:
 def test_predict_writes_easynlps_lines(random_export, synth_data, tmp_path):
     """Both formats on one model and seed: the same token ids, decoded and written each way. A hot
     temperature makes the untrained model write special tokens, where the two texts differ."""
+    from v2t_engine.jobs.predict import row_search
     from v2t_engine.runtime.captioner import Captioner
     from v2t_engine.runtime.generator import stream_captions
 
@@ -208,7 +209,9 @@ def test_predict_writes_easynlps_lines(random_export, synth_data, tmp_path):
     pixels = [normalize(row_frames_or_error(r, "imgbase64", cap.config.frame_num, cap.config.img_size,
                                             FrameSource())[0]) for r in rows]
     opts = SearchOptions(do_sample=True, temperature=3.0, num_return=2, seed=5)
-    ids = dict(stream_captions(cap.backend, enumerate(pixels), opts, cap.max_new_tokens(None), seed=5))
+    # predict keys each row's sampling streams by the seed and the row's line (resume, shards).
+    videos = [(n, p, row_search(opts, row.line_no - 1)) for n, (row, p) in enumerate(zip(rows, pixels))]
+    ids = dict(stream_captions(cap.backend, videos, opts, cap.max_new_tokens(None)))
     assert len(lines["json"]) == len(lines["easynlp"]) == len(rows) == len(ids)
     differ = 0
     for n, (row, js, easy) in enumerate(zip(rows, lines["json"], lines["easynlp"])):

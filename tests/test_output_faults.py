@@ -6,9 +6,9 @@ from conftest import TEST_SCHEMA, run_cli
 from v2t_engine.inputs.writer import AtomicTableWriter, TableOutput, TableReport
 
 
-def predict(synth_data, model_dir, outputs, expect_code=0):
+def predict(synth_data, model_dir, outputs, expect_code=0, *extra):
     return run_cli(["predict", "--tables", synth_data["test"], "--outputs", outputs, "--checkpoint_dir", model_dir,
-                    "--input_schema", TEST_SCHEMA, "--micro_batch_size", 4], expect_code=expect_code)
+                    "--input_schema", TEST_SCHEMA, "--micro_batch_size", 4, *extra], expect_code=expect_code)
 
 
 def test_a_second_writer_of_the_same_outputs_is_refused(random_export, synth_data, tmp_path):
@@ -16,9 +16,10 @@ def test_a_second_writer_of_the_same_outputs_is_refused(random_export, synth_dat
     with TableOutput(TableReport(str(out))):  # a job in progress on out.txt
         result = predict(synth_data, random_export, out, expect_code=1)
     assert "another v2t job is writing" in result.output and "Traceback" not in result.output
-    # A lock file left behind by a killed job holds no lock: the next job runs, and cleans it up.
+    # A lock file left behind by a killed job holds no lock: the next job runs, and cleans it up
+    # (the first job's partial output is replaced only when asked to).
     (tmp_path / "out.txt.lock").write_text("")
-    predict(synth_data, random_export, out)
+    predict(synth_data, random_export, out, 0, "--overwrite")
     assert out.is_file() and not (tmp_path / "out.txt.lock").exists()
 
 

@@ -5,7 +5,8 @@ import pytest
 from v2t_engine.config import ModelConfig
 from v2t_engine.errors import ConfigError
 from v2t_engine.runtime.generator import generate_candidates
-from v2t_engine.runtime.search import SearchOptions, select_tokens, token_probabilities
+from v2t_engine.runtime.search import (BeamSearch, SearchOptions, adjust_logits, banned_ngram_tokens,
+                                       log_softmax, select_tokens, step_beams, token_probabilities)
 
 
 def test_greedy_is_argmax():
@@ -141,3 +142,199 @@ def test_greedy_candidates_are_computed_once_and_repeated():
     out = generate_candidates(backend, videos(0), SearchOptions(num_return=3), np.random.default_rng(0), 4)
     assert out.shape == (1, 3, 4) and (out == [2, 0, 0, 0]).all()
     assert backend.steps == 1  # one caption decoded, not three
+
+
+# ----------------------------------------------------------------------------- beam search
+def markov_logits(vocab, seed):
+    """A tiny 'model' on injected logits: each prefix's next-token logits drawn from a generator
+    keyed by the prefix, so every prefix has its own distribution."""
+    def logits_of(tokens, length):
+        rows = []
+        for prefix in tokens[:, :length].tolist():
+            rng = np.random.default_rng([seed, len(prefix), *prefix])
+            rows.append(rng.normal(scale=2.0, size=vocab))
+        return np.array(rows, np.float32)
+    return logits_of
+
+
+def run_beams(opts, logits_of, max_new, pad=0):
+    beams = BeamSearch(opts, max_new, pad)
+    while not beams.done:
+        beams.step(logits_of(beams.tokens, beams.length))
+    return beams
+
+
+def exhaustive(logits_of, vocab, max_new, pad=0, length_penalty=0.0):
+    """Every caption up to max_new tokens ([PAD] only at its end), scored like a finished beam,
+    best first."""
+    scored, live = [], [((), 0.0)]
+    for n in range(1, max_new + 1):
+        grown = []
+        for prefix, total in live:
+            tokens = np.full((1, max_new), pad, np.int64)
+            tokens[0, :len(prefix)] = prefix
+            logp = log_softmax(logits_of(tokens, len(prefix)))[0]
+            for t in range(vocab):
+                seq, s = prefix + (t,), total + logp[t]
+                if t == pad or n == max_new:
+                    scored.append((s / n ** length_penalty, seq))
+                else:
+                    grown.append((seq, s))
+        live = grown
+    return sorted(scored, key=lambda c: -c[0])
+
+
+def padded(seq, max_new, pad=0):
+    return list(seq) + [pad] * (max_new - len(seq))
+
+
+@pytest.mark.parametrize("vocab, max_new", [(4, 3), (3, 4)])
+def test_a_beam_wide_enough_to_prune_nothing_is_an_exhaustive_search(vocab, max_new):
+    """With length_penalty 0 and K at least every step's candidates, beam search must return the
+    K best captions of all V^T, in order, with their scores."""
+    logits_of = markov_logits(vocab, seed=vocab * 10 + max_new)
+    K = (vocab - 1) ** (max_new - 1) * vocab  # the candidates of the last step
+    opts = SearchOptions(num_beams=K, num_return=K, length_penalty=0.0)
+    beams = run_beams(opts, logits_of, max_new)
+    want = exhaustive(logits_of, vocab, max_new)[:K]
+    assert beams.best(K).tolist() == [padded(seq, max_new) for _, seq in want]
+    assert np.allclose(beams.best_scores(K), [s for s, _ in want])
+
+
+def reference_beams(logits_of, K, max_new, length_penalty, early_stopping, pad=0):
+    """Beam search written plainly over lists of (prefix, sum of log-probs)."""
+    beams, finished = [((), 0.0)], []
+    for n in range(1, max_new + 1):
+        candidates = []
+        for prefix, total in beams:
+            tokens = np.array([padded(prefix, max_new)])
+            logp = log_softmax(logits_of(tokens, len(prefix)))[0]
+            candidates += [(prefix + (t,), total + logp[t]) for t in range(len(logp))]
+        candidates.sort(key=lambda c: -c[1])  # stable: beam order, then token order
+        for seq, total in candidates[:K]:
+            if seq[-1] == pad or n == max_new:
+                finished.append((total / n ** length_penalty, seq))
+        finished = sorted(finished, key=lambda f: -f[0])[:K]
+        beams = [c for c in candidates[:2 * K] if c[0][-1] != pad][:K]
+        if n == max_new or len(finished) == K and (
+                early_stopping or max(s for _, s in beams) / n ** length_penalty <= finished[-1][0]):
+            return finished
+
+
+@pytest.mark.parametrize("K, length_penalty, early_stopping", [(2, 1.0, False), (3, 0.0, False), (3, 2.0, True),
+                                                              (4, 1.0, True), (5, -0.5, False)])
+def test_narrow_beams_follow_the_plain_beam_search(K, length_penalty, early_stopping):
+    for seed in range(6):
+        logits_of = markov_logits(6, seed)
+        opts = SearchOptions(num_beams=K, num_return=K, length_penalty=length_penalty,
+                             early_stopping=early_stopping)
+        beams = run_beams(opts, logits_of, max_new=6)
+        want = reference_beams(logits_of, K, 6, length_penalty, early_stopping)
+        assert beams.best(len(want)).tolist() == [padded(seq, 6) for _, seq in want]
+
+
+def greedy_run(logits_of, max_new, pad=0):
+    tokens = np.full((1, max_new), pad, np.int64)
+    for n in range(max_new):
+        tokens[0, n] = select_tokens(logits_of(tokens, n), SearchOptions(), None)[0]
+        if tokens[0, n] == pad:
+            break
+    return tokens[0].tolist()
+
+
+@pytest.mark.parametrize("opts", [SearchOptions(num_beams=1, length_penalty=0.0),
+                                  SearchOptions(num_beams=1, early_stopping=True)])
+def test_one_beam_is_greedy(opts):
+    for seed in range(20):
+        logits_of = markov_logits(5, seed)
+        assert run_beams(opts, logits_of, max_new=6).best(1).tolist() == [greedy_run(logits_of, 6)]
+
+
+def test_beams_find_the_caption_greedy_misses():
+    """Greedy takes the likelier first token and then faces a flat distribution; two beams keep
+    the other first token, whose caption is the likelier whole."""
+    table = {(): [-9, 1.0, 0.8, -9], (1,): [0, 0, 0, 0], (2,): [9, -9, -9, -9]}
+
+    def logits_of(tokens, length):
+        return np.array([table.get(tuple(r[:length]), [9, -9, -9, -9]) for r in tokens.tolist()], np.float32)
+
+    assert greedy_run(logits_of, 3)[:1] == [1]
+    beams = run_beams(SearchOptions(num_beams=2, num_return=2, length_penalty=0.0), logits_of, 3)
+    assert beams.best(2)[0].tolist() == [2, 0, 0]
+    assert exhaustive(logits_of, 4, 3)[0][1] == (2, 0)
+
+
+def test_length_penalty_trades_length_for_likelihood():
+    # "1 [PAD]" has the larger sum, "2 3 [PAD]" the larger mean log-probability.
+    table = {(): [-9, 0.0, -0.5, -9], (1,): [-1.2, -9, -9, -9], (2,): [-9, -9, -9, 0.0],
+             (2, 3): [0.0, -9, -9, -9]}
+
+    def logits_of(tokens, length):
+        return np.array([table.get(tuple(r[:length]), [0, -9, -9, -9]) for r in tokens.tolist()], np.float32)
+
+    short = run_beams(SearchOptions(num_beams=2, length_penalty=0.0), logits_of, 4).best(1)[0]
+    long = run_beams(SearchOptions(num_beams=2, length_penalty=2.0), logits_of, 4).best(1)[0]
+    assert short.tolist()[:2] == [1, 0] and long.tolist()[:3] == [2, 3, 0]
+
+
+def test_no_repeat_ngram_and_repetition_penalty():
+    assert sorted(banned_ngram_tokens(np.array([5, 6, 5, 7, 5]), 2).tolist()) == [6, 7]
+    assert banned_ngram_tokens(np.array([5, 6]), 3).tolist() == []
+    assert sorted(banned_ngram_tokens(np.array([1, 2, 1]), 1).tolist()) == [1, 1, 2]
+    logits = np.array([[2.0, -1.0, 3.0, 0.5]], np.float32)
+    history, n = np.array([[0, 1, 3]]), np.array([2])  # tokens 0 and 1 written; 3 not yet
+    out = adjust_logits(logits, history, n, SearchOptions(repetition_penalty=2.0))
+    assert out.tolist() == [[1.0, -2.0, 3.0, 0.5]]
+    out = adjust_logits(logits, np.array([[2, 1, 2]]), np.array([3]), SearchOptions(no_repeat_ngram_size=2))
+    assert out[0, 1] == -np.inf and np.isfinite(out[0, [0, 2, 3]]).all()
+    assert adjust_logits(logits, history, n, SearchOptions()) is logits
+
+
+def test_beam_captions_never_repeat_a_blocked_ngram():
+    # A model that loops 1 2 1 2 ... unless stopped; 3 and [PAD] are the way out.
+    nxt = {-1: [-4, 3, 0, 0], 0: [5, -4, -4, -4], 1: [-2, -4, 3, 0], 2: [-2, 3, -4, 0], 3: [1, 0.5, 0.5, -4]}
+
+    def logits_of(tokens, length):
+        return np.array([nxt[r[length - 1] if length else -1] for r in tokens.tolist()], np.float32)
+
+    for opts in (SearchOptions(num_beams=3, num_return=3, no_repeat_ngram_size=2),
+                 SearchOptions(num_beams=3, num_return=3)):
+        captions = run_beams(opts, logits_of, max_new=8).best(opts.num_return)
+        grams = [[tuple(c[i:i + 2]) for i in range(len(c) - 1) if 0 not in c[i:i + 2]] for c in captions.tolist()]
+        repeats = any(len(g) != len(set(g)) for g in grams)
+        assert repeats == (opts.no_repeat_ngram_size == 0), captions  # without the block, it loops
+
+
+def test_greedy_and_sampling_take_the_repetition_options_too():
+    backend = ScriptedBackend(first={0: 2}, after={2: 3, 3: 2, 0: 0}, vocab=6)
+    plain = generate_candidates(backend, videos(0), SearchOptions(), np.random.default_rng(0), 5)
+    assert plain[0, 0].tolist() == [2, 3, 2, 3, 2]
+    blocked = generate_candidates(backend, videos(0), SearchOptions(no_repeat_ngram_size=2),
+                                  np.random.default_rng(0), 5)
+    assert blocked[0, 0].tolist()[:3] == [2, 3, 2] and blocked[0, 0, 3] != 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_beams": 0}, "num_beams"), ({"num_beams": 3, "do_sample": True}, "beam sampling"),
+    ({"num_beams": 2, "num_return": 3}, "max_generated_num=3"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size")])
+def test_bad_beam_options_are_rejected(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchOptions(**kwargs)
+
+
+def test_videos_stepped_together_search_as_they_would_alone():
+    """step_beams on videos that started at different steps, with different logits, gives each
+    the beams it gets alone."""
+    opts = SearchOptions(num_beams=3, num_return=3, no_repeat_ngram_size=2)
+    models = [markov_logits(7, seed) for seed in range(4)]
+    alone = [run_beams(opts, m, max_new=7).best(3).tolist() for m in models]
+    searches = [BeamSearch(opts, 7, 0) for _ in models]
+    for t in range(20):
+        running = [i for i in range(min(t + 1, len(models))) if not searches[i].done]  # video i joins at step i
+        if not running and t >= len(models):
+            break
+        if running:
+            logits = np.stack([models[i](searches[i].tokens, searches[i].length) for i in running])
+            step_beams([searches[i] for i in running], logits)
+    assert [s.best(3).tolist() for s in searches] == alone

@@ -10,8 +10,10 @@ Layout::
       trainer_state.json   human-readable progress: step, epoch, validation losses
 
 Everything is first written into a temporary sibling directory, then moved into place file by
-file with ``os.replace`` (atomic on one filesystem), ``trainer_state.json`` last: an interrupted
-save leaves the previous checkpoint's files or the new ones, never a half-written file.
+file by file with ``os.replace`` (atomic on one filesystem), ``trainer_state.json`` last: an interrupted
+save leaves the previous checkpoint's files or the new ones, never a half-written file. A save
+that fails while writing (a full disk, permissions) is one OutputError naming the file, and the
+previous checkpoint is left as it was.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from v2t_engine.config import CONFIG_FILE, ModelConfig
-from v2t_engine.errors import ArtifactError, V2TError
+from v2t_engine.errors import ArtifactError, OutputError, V2TError
 from v2t_engine.tokenizer import CaptionTokenizer
 
 from v2t_training.easynlp import easynlp_model_type, is_easynlp_checkpoint, read_easynlp_checkpoint
@@ -61,34 +64,71 @@ def save_checkpoint(checkpoint_dir: str | Path, model: VideoCaptioner, tokenizer
     """Write a checkpoint atomically (see the module docstring). Without ``training_state`` the
     directory holds a model only, and stale state files from an earlier run are removed so they
     can never be resumed against the wrong weights."""
-    from safetensors.torch import save_file
-
     target = Path(checkpoint_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.cfg.save(tmp)
-        # safetensors refuses views and shared storage: give it plain contiguous copies.
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        tokenizer.save(tmp)
-        if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
-        if trainer_state is not None:
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        mode = _file_mode()
-        for path in tmp.iterdir():  # safetensors creates its file 0600; give all files the umask's mode
-            path.chmod(mode)
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise OutputError(f"cannot save a checkpoint in {target}: {err.strerror or err}") from None
+    try:
+        _write_all(tmp, target, model, tokenizer, training_state, trainer_state)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == TRAINER_STATE_FILE)  # the "done" marker goes last
         for name in names:
-            os.replace(tmp / name, target / name)
+            try:
+                os.replace(tmp / name, target / name)
+            except OSError as err:
+                raise OutputError(f"cannot move {name} into {target}: {err.strerror or err}; the checkpoint "
+                                  "there may now mix files of the previous save and this one") from None
         for name, written in ((TRAINING_STATE_FILE, training_state), (TRAINER_STATE_FILE, trainer_state)):
             if written is None:
                 (target / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_all(tmp: Path, target: Path, model: VideoCaptioner, tokenizer: CaptionTokenizer,
+               training_state: dict[str, Any] | None, trainer_state: dict[str, Any] | None) -> None:
+    """Every file of the checkpoint into `tmp`; nothing in `target` is touched."""
+    from safetensors.torch import save_file
+
+    # safetensors refuses views and shared storage: give it plain contiguous copies.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        (CONFIG_FILE, lambda: model.cfg.save(tmp)),
+        (MODEL_FILE, lambda: save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})),
+        ("tokenizer files", lambda: tokenizer.save(tmp)),
+    ]
+    if training_state is not None:
+        steps.append((TRAINING_STATE_FILE, lambda: torch.save(training_state, tmp / TRAINING_STATE_FILE)))
+    if trainer_state is not None:
+        steps.append((TRAINER_STATE_FILE, lambda: (tmp / TRAINER_STATE_FILE).write_text(
+            json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")))
+    mode = _file_mode()
+    # safetensors creates its file 0600; give all files the umask's mode
+    steps.append(("file modes", lambda: [path.chmod(mode) for path in tmp.iterdir()]))
+    for name, write in steps:
+        try:
+            write()
+        except V2TError:
+            raise
+        except Exception as err:  # noqa: BLE001 - torch and safetensors wrap I/O errors in their own types
+            raise OutputError(f"cannot save the checkpoint in {target}: writing {name} failed: {_why(err, tmp)}; "
+                              "the previous checkpoint there is unchanged") from None
+
+
+def _why(err: Exception, directory: Path) -> str:
+    """An I/O failure in words. torch and safetensors report a full disk in their own words
+    (torch: "unexpected pos ..."), so the free space is added when it is nearly none."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    reason = f"{type(err).__name__}: {err}"
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return reason
+    return reason + (f" (only {free} bytes are free there: the disk looks full)" if free < 1 << 20 else "")
 
 
 def _file_mode() -> int:

@@ -29,7 +29,8 @@ from v2t_engine.concurrency import map_ahead
 from v2t_engine.errors import RowError, TableError
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
 from v2t_engine.inputs.preprocess import normalize
-from v2t_engine.inputs.tables import InputSchema, TableRow, count_lines, parse_line, read_table
+from v2t_engine.inputs.tables import (DEFAULT_MAX_ROW_BYTES, InputSchema, TableRow, count_lines, parse_line,
+                                      read_lines, read_table)
 from v2t_engine.tokenizer import CaptionTokenizer
 
 from v2t_training.options import DEFAULT_CACHE_BUDGET
@@ -52,6 +53,8 @@ class DataSpec:
     img_size: int
     text_len: int
     source: FrameSource = field(default_factory=FrameSource)
+    # Longer table lines are bad rows, skipped in chunks and never held in memory (as in predict).
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
     @property
     def row_bytes(self) -> int:
@@ -121,7 +124,8 @@ class CaptionDataset(Dataset):
                 return err, None
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            for row, result in map_ahead(pool, decode, read_table(self.path, self.schema), 64):
+            rows = read_table(self.path, self.schema, self.spec.max_row_bytes)
+            for row, result in map_ahead(pool, decode, rows, 64):
                 if result is None:
                     self.bad_rows.append(row)
                     continue
@@ -135,22 +139,19 @@ class CaptionDataset(Dataset):
         return captions
 
     def _index_rows(self) -> list[str]:
-        """Lazy mode: remember each good row's byte offset (same line numbering as read_table:
-        binary lines split on b"\\n")."""
-        offsets = []
-        with open(self.path, "rb") as f:
-            pos = 0
-            for line in f:
-                offsets.append(pos)
-                pos += len(line)
+        """Lazy mode: remember each good row's byte offset, in one pass of the table reader
+        itself (same line numbering, same max_row_bytes: an over-long line is a bad row, read
+        past in chunks, never held)."""
         captions = []
-        for row in read_table(self.path, self.schema):
+        for row, start, _ in read_lines(self.path, self.schema, self.spec.max_row_bytes):
+            if row is None:
+                continue  # a blank line
             if isinstance(row, RowError):
                 self.bad_rows.append(row)
                 continue
             captions.append(row.fields[self.spec.text_column])
             self.line_nos.append(row.line_no)
-            self._offsets.append(offsets[row.line_no - 1])
+            self._offsets.append(start)
         return captions
 
     def _report(self) -> None:
@@ -213,7 +214,10 @@ class CaptionDataset(Dataset):
         # that DataLoader workers receive.
         with open(self.path, "rb") as f:
             f.seek(self._offsets[i])
-            raw = f.readline()
+            raw = f.readline(self.spec.max_row_bytes + 1)
+        if len(raw) > self.spec.max_row_bytes and not raw.endswith(b"\n"):
+            raise RowError(self.line_nos[i], None, f"the line is longer than {self.spec.max_row_bytes} bytes "
+                                                   "(max_row_bytes) now; the table changed while training")
         row = parse_line(raw, self.line_nos[i], self.schema)
         if row is None:
             raise RowError(self.line_nos[i], None, "the line is blank now; the table changed while training")

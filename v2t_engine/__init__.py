@@ -29,9 +29,10 @@ _EXPORTS = {
     "FrameSource": "v2t_engine.inputs.frames",
     "load_row_frames": "v2t_engine.inputs.frames",
     "preprocess_images": "v2t_engine.inputs.preprocess",
+    "CaptionService": "v2t_engine.serve.service",
     **{name: "v2t_engine.errors" for name in (
         "V2TError", "ConfigError", "TableError", "RowError", "FrameError", "ArtifactError",
-        "ExportValidationError", "MissingDependencyError")},
+        "ExportValidationError", "MissingDependencyError", "ServiceOverloaded", "ServiceClosed")},
 }
 __all__ = sorted(_EXPORTS)
 

@@ -56,3 +56,11 @@ def import_optional(module: str, needed_for: str, install: str):
 
 class OutputError(V2TError):
     """An output file cannot be written (disk full, permissions, another job holds it)."""
+
+
+class ServiceOverloaded(V2TError):
+    """A caption service's request queue is full: try again later (HTTP 429)."""
+
+
+class ServiceClosed(V2TError):
+    """A caption service is shutting down (or failed) and takes no new requests (HTTP 503)."""

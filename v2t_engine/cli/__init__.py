@@ -14,7 +14,7 @@ import click
 
 from ..errors import V2TError
 from .data import eval_command, synth_command
-from .predict import predict_command
+from .predict import merge_shards_command, predict_command
 from .video import make_table_command
 
 COMMAND_GROUP = "v2t.commands"
@@ -43,7 +43,9 @@ class V2TGroup(click.Group):
         try:
             return super().invoke(ctx)
         except V2TError as err:
-            raise click.ClickException(str(err)) from None
+            exc = click.ClickException(str(err))
+            exc.exit_code = getattr(err, "exit_code", exc.exit_code)  # e.g. 143 after SIGTERM
+            raise exc from None
 
 
 @click.group(cls=V2TGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,5 +58,5 @@ def main(verbose: int) -> None:
     logging.getLogger("v2t_engine").setLevel(min(level, logging.WARNING))
 
 
-for _command in (predict_command, make_table_command, eval_command, synth_command):
+for _command in (predict_command, merge_shards_command, make_table_command, eval_command, synth_command):
     main.add_command(_command)

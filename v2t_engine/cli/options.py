@@ -66,6 +66,21 @@ class UserParameters(_Checked):
         return parse_user_defined_parameters(text, self.allowed)
 
 
+class ShardSpec(_Checked):
+    """``I/N``: the I-th (0-based) of N parts."""
+    name = "I/N"
+
+    def parse(self, text: str) -> tuple[int, int]:
+        index, sep, count = text.partition("/")
+        try:
+            i, n = int(index), int(count)
+        except ValueError:
+            i = n = -1
+        if not sep or n < 1 or not 0 <= i < n:
+            raise ConfigError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/4 ... 3/4)")
+        return i, n
+
+
 class VideoSampling(_Checked):
     """``uniform``, ``first`` or ``fps:N``."""
     name = "uniform|first|fps:N"

@@ -15,11 +15,14 @@ def video_options(frames_help: str):
     """Frame choice and encoding options of `make-table` and `predict --videos`; they reach the
     command as one `frame_opts` (FrameOptions) and `idx_style`."""
     def to_frame_options(func):
-        def command(*args, frames, sampling, size, image_format, quality, **kwargs):
+        def command(*args, frames, sampling, size, image_format, quality, max_video_bytes, max_video_seconds,
+                    **kwargs):
             from ..video.decode import FrameOptions
 
+            limits = {k: v for k, v in (("max_video_bytes", max_video_bytes),
+                                        ("max_video_seconds", max_video_seconds)) if v is not None}
             frame_opts = FrameOptions(frames=frames, sampling=sampling, size=size, format=image_format,
-                                      quality=quality)
+                                      quality=quality, **limits)
             return func(*args, frame_opts=frame_opts, **kwargs)
         return functools.update_wrapper(command, func)  # keeps options declared below this one
 
@@ -34,6 +37,11 @@ def video_options(frames_help: str):
                      show_default=True, help="How frames are encoded in the table."),
         click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
                      help="JPEG quality."),
+        click.option("--max_video_bytes", type=click.IntRange(min=1), default=None,
+                     help="Video files larger than this are reported and not read (default 20 GB)."),
+        click.option("--max_video_seconds", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Videos longer than this (by their header, else by reading up to the limit) are "
+                          "reported and not decoded (default 21,600: 6 hours)."),
         click.option("--idx", "idx_style", type=click.Choice(["path", "stem"]), default="path",
                      show_default=True,
                      help="idx of a row: the path (relative to the directory given), or the file name "

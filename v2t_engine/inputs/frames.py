@@ -189,6 +189,8 @@ def load_row_frames(field: str, frame_num: int, img_size: int,
 def _read_path(entry: str, source: FrameSource) -> bytes:
     if not entry.strip():
         raise FrameError("empty image path")
+    if "\0" in entry:  # no file system takes it; os calls would raise ValueError
+        raise FrameError(f"image path {entry!r} holds a NUL character")
     root = Path(source.img_root_dir if source.img_root_dir is not None else os.getcwd())
     path = root / entry  # an absolute entry replaces the root
     try:
@@ -205,8 +207,10 @@ def _read_path(entry: str, source: FrameSource) -> bytes:
             data = f.read(source.max_image_bytes + 1)  # a file that grew since stat is still capped
     except FileNotFoundError:
         raise FrameError(f"image file not found: {entry!r}") from None
-    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop on older Pythons
-        raise FrameError(f"cannot read image file {entry!r} ({getattr(err, 'strerror', None) or err})") from None
+    except RuntimeError:  # resolve() on a loop of links, before Python 3.13
+        raise FrameError(f"cannot read image file {entry!r} (a loop of symbolic links)") from None
+    except OSError as err:
+        raise FrameError(f"cannot read image file {entry!r} ({err.strerror or err})") from None
     if len(data) > source.max_image_bytes:
         raise FrameError(f"image file {entry!r} is over the limit of {source.max_image_bytes} bytes (max_image_bytes)")
     return data

@@ -128,21 +128,38 @@ def read_table(path: str | os.PathLike, schema: InputSchema,
 
 
 def _rows(path: Path, schema: InputSchema, max_row_bytes: int) -> Iterator[TableRow | RowError]:
+    for row, _, _ in read_lines(path, schema, max_row_bytes):
+        if row is not None:
+            yield row
+
+
+def read_lines(path: str | os.PathLike, schema: InputSchema, max_row_bytes: int, offset: int = 0,
+               line_no: int = 1, stop: int | None = None) -> Iterator[tuple[TableRow | RowError | None, int, int]]:
+    """(row, its line's start offset, the offset after it) for each line of one table that
+    starts at or after byte `offset` (where line `line_no` starts) and before byte `stop`; the
+    row is None for a blank line. The reader behind `read_table`; resume and shards
+    (table_ranges.py) start and stop it mid-table."""
     try:
         # Binary mode and per-line decoding: one row with invalid UTF-8 becomes that row's
         # error instead of a UnicodeDecodeError that ends the whole job. Splitting on b"\n"
         # only (not universal newlines) keeps line numbers equal to what `wc -l`/editors show.
         with open(path, "rb") as f:
-            line_no = 0
-            while raw := f.readline(max_row_bytes + 1):
+            if offset:
+                f.seek(offset)
+            line_no -= 1
+            start = offset
+            while (stop is None or start < stop) and (raw := f.readline(max_row_bytes + 1)):
                 line_no += 1
                 if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
-                    yield _too_long(raw, line_no, schema, max_row_bytes)
+                    error = _too_long(raw, line_no, schema, max_row_bytes)
                     _skip_line(f)
+                    end = f.tell()
+                    yield error, start, end
+                    start = end
                     continue
-                row = parse_line(raw, line_no, schema)
-                if row is not None:
-                    yield row
+                end = start + len(raw)
+                yield parse_line(raw, line_no, schema), start, end
+                start = end
     except OSError as err:
         raise TableError(f"cannot read table {str(path)!r}: {err}") from err
 

@@ -16,21 +16,37 @@ from ..errors import OutputError
 
 
 class AtomicTableWriter:
-    def __init__(self, path: str | Path):
+    """Rows to ``<outputs>.partial``, renamed onto ``<outputs>`` by `commit`. `resume_at` keeps the
+    first bytes of an existing partial file (an interrupted job's durable rows) and appends."""
+
+    def __init__(self, path: str | Path, resume_at: int | None = None):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
+        self.bytes = 0  # the length of the partial file
+        self._resume_at = resume_at
         self._file = None
 
     def __enter__(self) -> "AtomicTableWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.partial, "w", encoding="utf-8", newline="\n")
+        if self._resume_at is None:
+            self._file = open(self.partial, "wb")
+        else:
+            self._file = _reopen(self.partial, self._resume_at)
+            self.bytes = self._resume_at
         return self
 
     def write_row(self, fields: list[str]) -> None:
-        self._file.write("\t".join(fields) + "\n")
+        data = ("\t".join(fields) + "\n").encode("utf-8")
+        self._file.write(data)
+        self.bytes += len(data)
 
     def flush(self) -> None:
         self._file.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: what was written survives a crash or a power cut."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def commit(self) -> None:
         """Finish: make the output visible under its real name."""
@@ -48,6 +64,17 @@ class AtomicTableWriter:
             self._file.close()
 
 
+def _reopen(path: Path, keep: int):
+    """`path` opened for appending after its first `keep` bytes (the rest cut off)."""
+    if not path.is_file() or path.stat().st_size < keep:
+        raise OutputError(f"cannot resume: {path} is missing or shorter than the {keep} bytes the "
+                          "job recorded as written; start over with --overwrite")
+    f = open(path, "r+b")
+    f.truncate(keep)
+    f.seek(keep)
+    return f
+
+
 class ErrorReport:
     """``<outputs>.errors.tsv``: line number, idx and reason of every row left out."""
 
@@ -55,15 +82,32 @@ class ErrorReport:
 
     def __init__(self, outputs: str | Path):
         self.path = Path(outputs).with_name(Path(outputs).name + ".errors.tsv")
+        self.bytes = 0  # the length of the report file (0: not started)
         self._file = None
+
+    def resume_at(self, keep: int) -> None:
+        """Continue an interrupted job's report after its first `keep` bytes (0: none yet)."""
+        if keep:
+            self._file = _reopen(self.path, keep)
+            self.bytes = keep
 
     def add(self, line_no: int, idx: str | None, reason: str) -> None:
         if self._file is None:
-            self._file = open(self.path, "w", encoding="utf-8", newline="\n")
-            self._file.write(self.HEADER)
+            self._file = open(self.path, "wb")
+            self._write(self.HEADER)
         clean = " ".join(reason.split())  # one line per error, whatever the reason text holds
-        self._file.write(f"{line_no}\t{idx or ''}\t{clean}\n")
+        self._write(f"{line_no}\t{idx or ''}\t{clean}\n")
         self._file.flush()
+
+    def _write(self, text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
+        self._file.write(data)
+        self.bytes += len(data)
+
+    def sync(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -100,9 +144,15 @@ class TableOutput:
     its process dies, so a lock file left by a killed job never blocks the next one. A write
     that fails (disk full, permissions) is an OutputError naming the file, not a traceback."""
 
-    def __init__(self, report: TableReport):
+    def __init__(self, report: TableReport, existing: str = "replace", resume_at: tuple[int, int] = (0, 0)):
+        """`existing`: what to do with an interrupted job's ``OUTPUTS.partial``: "replace" it,
+        "refuse" to start (OutputError), or "resume" it, keeping the first `resume_at`
+        (rows, errors) bytes of the partial output and the error report."""
+        if existing not in ("replace", "refuse", "resume"):
+            raise ValueError(f"existing={existing!r}")
         self.report = report
-        self._rows = AtomicTableWriter(report.outputs)
+        self._existing, self._resume_at = existing, resume_at
+        self._rows = AtomicTableWriter(report.outputs, resume_at[0] if existing == "resume" else None)
         self._errors = ErrorReport(report.outputs)
         self._lock_path = Path(report.outputs).with_name(Path(report.outputs).name + ".lock")
         self._lock = None
@@ -111,8 +161,28 @@ class TableOutput:
         with self._writing(self._rows.partial):
             self._rows.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _acquire(self._lock_path, self.report.outputs)
-            self._rows.__enter__()
+            try:
+                if self._existing == "refuse" and self._rows.partial.exists():
+                    raise OutputError(f"{self._rows.partial} holds the rows of an interrupted job: add "
+                                      "--resume to continue it, or --overwrite to start over")
+                self._rows.__enter__()
+                if self._existing == "resume":
+                    self._errors.resume_at(self._resume_at[1])
+            except BaseException:
+                self._release()
+                raise
         return self
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """Bytes written so far to the partial output and to the error report."""
+        return self._rows.bytes, self._errors.bytes
+
+    def sync(self) -> None:
+        """Make every row and error written so far durable (fsync)."""
+        with self._writing(self._rows.partial):
+            self._rows.sync()
+            self._errors.sync()
 
     def write_row(self, fields: list[str]) -> None:
         with self._writing(self._rows.partial):
@@ -145,9 +215,13 @@ class TableOutput:
         except OSError:
             pass  # the error that stopped the job was reported; a second one on close adds nothing
         finally:
-            if self._lock is not None:
-                self._lock_path.unlink(missing_ok=True)  # while held: nobody waits on this inode
-                self._lock.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock_path.unlink(missing_ok=True)  # while held: nobody waits on this inode
+            self._lock.close()
+            self._lock = None
 
     @contextlib.contextmanager
     def _writing(self, path: Path) -> Iterator[None]:

@@ -7,9 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -18,12 +22,13 @@ from ..concurrency import map_ahead
 from ..errors import ConfigError, RowError, V2TError
 from ..inputs.frames import FrameSource, row_frames_or_error
 from ..inputs.preprocess import normalize
-from ..inputs.tables import (DEFAULT_MAX_ROW_BYTES, FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow,
-                             count_lines, read_table)
+from ..inputs.table_ranges import PlacedRow, TablePosition, read_tables, shard_bounds
+from ..inputs.tables import DEFAULT_MAX_ROW_BYTES, FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines
 from ..inputs.writer import TableOutput, TableReport
 from ..params import get_int
 from ..runtime.captioner import Captioner
 from ..runtime.search import SearchOptions
+from .journal import JobRecord, Progress, job_identity, record_path
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ class PredictOptions:
     workers: int = 2
     output_format: str = "json"  # one of OUTPUT_FORMATS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer table lines are row errors, never read whole
+    shard: tuple[int, int] | None = None  # (I, N): the I-th of N parts of the tables (table_ranges.py)
+    sync_interval: float = 10.0  # seconds between fsyncs of the outputs and saves of the job record
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
@@ -64,6 +71,10 @@ class PredictOptions:
                               f"got {self.output_format!r}")
         if self.micro_batch_size < 1 or self.workers < 1:
             raise ConfigError("micro_batch_size and workers must be at least 1")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]}: want I/N with 0 <= I < N")
+        if self.sync_interval < 0:
+            raise ConfigError(f"sync_interval must be >= 0, got {self.sync_interval}")
         names = set(self.input_schema.names)
         self.input_schema.position(self.first_sequence)  # raises naming the column
         for col in (*self.output_schema, *self.append_cols):
@@ -87,6 +98,15 @@ class PredictOptions:
         source = FrameSource.from_user_parameters(params)
         return cls(**ints, search=search, frame_source=source, **fields)
 
+    def identity(self) -> dict:
+        """The options that decide what the output holds (the job record compares them): all
+        but where the job reads and writes, and how fast it goes."""
+        fields = dataclasses.asdict(self)
+        for name in ("tables", "outputs", "micro_batch_size", "workers", "sync_interval"):
+            del fields[name]
+        fields["input_schema"] = str(self.input_schema)
+        return fields
+
     def check_model(self, cfg: ModelConfig) -> None:
         """ConfigError when the options contradict the model they will run."""
         for key, want in (("img_size", cfg.img_size), ("img_len", cfg.img_len)):
@@ -102,6 +122,8 @@ class PredictOptions:
 @dataclass
 class PredictReport(TableReport):
     rows_padded: int = 0
+    syncs: int = 0  # job records saved (each after an fsync of the outputs)
+    sync_seconds: float = 0.0  # time those fsyncs and saves took
 
     def summary(self) -> str:
         return f"captioned {self.written} rows into {self.outputs}"
@@ -117,23 +139,27 @@ class _Decoded:
     pixels: np.ndarray | None = None  # uint8 (F, 3, S, S)
     padded: int = 0
     error: RowError | None = None
+    placed: PlacedRow | None = None
 
 
 class _InOrder:
-    """Captions finish out of input order (continuous batching); rows are written in it. A row
-    waits here until every row before it is written or reported bad; how many wait is bounded by
-    how many short captions can pass one long one, and they hold only their output columns."""
+    """Captions finish out of input order (continuous batching); rows are written in it, and so
+    are bad rows' reports, so both files always hold exactly the rows before one input position
+    (`frontier`): what the job record needs to resume. A row waits here until every row before
+    it is written or reported; how many wait is bounded by how many short captions can pass one
+    long one, and they hold only their output columns."""
 
-    def __init__(self, write: Callable[[TableRow, list[str]], None], progress):
-        self._write, self._progress = write, progress
-        self._waiting: dict[int, list] = {}  # number in the input → [row, captions or None]
+    def __init__(self, out: TableOutput, opts: PredictOptions, progress, journal: "_Journal | None"):
+        self._out, self._opts, self._progress, self._journal = out, opts, progress, journal
+        self._waiting: dict[int, list] = {}  # number in this run → [row or RowError, captions, next position]
         self._next = 0
+        self.frontier: TablePosition | None = None  # the first input row not yet written or reported
 
-    def expect(self, seq: int, row: TableRow) -> None:
-        self._waiting[seq] = [row, None]
+    def expect(self, seq: int, row: TableRow, after: TablePosition | None) -> None:
+        self._waiting[seq] = [row, None, after]
 
-    def skip(self, seq: int) -> None:
-        self._waiting[seq] = None
+    def skip(self, seq: int, error: RowError, after: TablePosition | None) -> None:
+        self._waiting[seq] = [error, None, after]
         self._flush()
 
     def done(self, seq: int, captions: list[str]) -> None:
@@ -142,36 +168,79 @@ class _InOrder:
 
     def _flush(self) -> None:
         while self._next in self._waiting:
-            entry = self._waiting[self._next]
-            if entry is not None and entry[1] is None:
-                return  # its caption is not finished yet
+            item, captions, after = self._waiting[self._next]
+            if isinstance(item, RowError):
+                self._out.add_error(item.line_no, item.idx, item.reason)
+            elif captions is None:
+                break  # its caption is not finished yet
+            else:
+                self._out.write_row(_output_fields(item, captions, self._opts))
             del self._waiting[self._next]
-            if entry is not None:
-                self._write(*entry)
+            self._next += 1
+            self.frontier = after
             if self._progress is not None:
                 self._progress(1)
-            self._next += 1
+        if self._journal is not None:
+            self._journal.maybe_save(self._out, self.frontier)
+
+
+class _Journal:
+    """Saves the job record (journal.py) after an fsync of the outputs, at most every
+    `interval` seconds: a crash then costs at most that long of captioning, redone on resume."""
+
+    def __init__(self, opts: PredictOptions, identity: dict, stop: TablePosition | None):
+        self.outputs, self.identity, self.stop, self.interval = opts.outputs, identity, stop, opts.sync_interval
+        self._last = time.monotonic()
+
+    def maybe_save(self, out: TableOutput, frontier: TablePosition | None) -> None:
+        if frontier is not None and time.monotonic() - self._last >= self.interval:
+            self.save(out, frontier)
+
+    def save(self, out: TableOutput, frontier: TablePosition | None, complete: bool = False) -> None:
+        if frontier is None:
+            return  # nothing finished yet: an earlier record (or none) stays right
+        began = time.monotonic()
+        out.sync()
+        rows_bytes, errors_bytes = out.sizes
+        report = out.report
+        progress = Progress(frontier, report.written, report.failed, rows_bytes, errors_bytes)
+        JobRecord(self.identity, progress, complete, self.stop).save(self.outputs)
+        self._last = time.monotonic()
+        report.syncs += 1
+        report.sync_seconds += self._last - began
 
 
 def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
-                   rows: Iterable[TableRow | RowError] | None = None) -> PredictReport:
+                   rows: Iterable[TableRow | RowError] | None = None, model_dir: str | Path | None = None,
+                   resume: bool = False, overwrite: bool = True) -> PredictReport:
     """Run the whole job. With on_error == "fail" the first bad row stops it (StoppedAtBadRow,
     no output left); otherwise every bad row goes to the error report and the job goes on.
-    `rows`, when given, replaces reading `opts.tables` (`predict_videos` passes the rows it makes)."""
+    `rows`, when given, replaces reading `opts.tables` (`predict_videos` passes the rows it makes).
+
+    Over tables, the job keeps a record (``OUTPUTS.job.json``, journal.py) of what it is and how
+    far it has durably got; `resume` continues the recorded job (ConfigError when the inputs,
+    the model in `model_dir` or an option changed). Without `resume`, an interrupted job's
+    partial output is replaced only with `overwrite`. SIGINT and SIGTERM finish the captions in
+    flight, save the record and raise `Interrupted`."""
     cfg = captioner.config
     opts.check_model(cfg)
     captioner.max_new_tokens(opts.text_len)  # a text_len the model cannot take fails before any work
     if opts.output_format == "easynlp":
         # EasyNLP's caption text as well as its list syntax: files then compare byte for byte.
         captioner = Captioner(captioner.backend, captioner.tokenizer.with_decode_style("easynlp"))
-    report = PredictReport(outputs=opts.outputs)
-    source = _table_rows(opts) if rows is None else rows
-    with TableOutput(report) as out, ThreadPoolExecutor(opts.workers) as pool:
-        in_order = _InOrder(lambda row, captions: out.write_row(_output_fields(row, captions, opts)), progress)
+    plan = _plan(opts, rows, model_dir, resume)
+    report = PredictReport(outputs=opts.outputs, written=plan.written, failed=plan.failed)
+    existing = "resume" if resume else "replace" if overwrite else "refuse"
+    with TableOutput(report, existing, plan.resume_at) as out, ThreadPoolExecutor(opts.workers) as pool, \
+            _StopRequest() as stop:
+        in_order = _InOrder(out, opts, progress, plan.journal)
+        in_order.frontier = plan.start
+        if plan.journal is not None:
+            plan.journal.save(out, plan.start)  # from now on, --resume finds the job
         # Enough rows decoded ahead for a whole refill of the slots, so the model does not wait
         # on JPEG decoding.
-        decoded = map_ahead(pool, _decoder(opts, cfg), source, opts.micro_batch_size + 2 * opts.workers)
-        videos = _videos(decoded, opts, in_order, out, report)
+        decoded = map_ahead(pool, _placed_decoder(opts, cfg), plan.source, opts.micro_batch_size + 2 * opts.workers)
+        videos = _videos(decoded, opts, in_order, report, stop)
         try:
             for seq, captions in captioner.caption_stream(videos, opts.search, opts.text_len,
                                                           slots=opts.micro_batch_size):
@@ -179,19 +248,114 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
                 out.flush()
         except RowError as err:
             out.discard()
+            record_path(opts.outputs).unlink(missing_ok=True)
             where = ", ".join(opts.tables) or "the videos"
             raise StoppedAtBadRow(f"bad row in {where}, {err}; no output written "
                                   "(use --on_error skip to leave bad rows out)") from None
+        if stop.signal is not None:
+            _interrupted(plan, in_order, out, stop.signal)
+        if plan.journal is not None:
+            plan.journal.save(out, in_order.frontier, complete=True)
         out.commit()
+        if plan.journal is not None and opts.shard is None:
+            record_path(opts.outputs).unlink(missing_ok=True)  # a finished output needs no record
     if report.rows_padded:
         log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
                     "last frame", report.rows_padded, opts.frame_num or cfg.frame_num)
     return report
 
 
-def _table_rows(opts: PredictOptions) -> Iterator[TableRow | RowError]:
-    for table in opts.tables:
-        yield from read_table(table, opts.input_schema, opts.max_row_bytes)
+def _interrupted(plan: "_Plan", in_order: _InOrder, out: TableOutput, signum: int) -> None:
+    name = signal.Signals(signum).name
+    if plan.journal is None:
+        raise Interrupted(f"stopped by {name}; the {out.report.written} rows finished are in "
+                          f"{out.report.outputs}.partial (jobs over --videos cannot be resumed)", signum)
+    plan.journal.save(out, in_order.frontier)
+    raise Interrupted(f"stopped by {name} after {out.report.written} rows; they are kept in "
+                      f"{out.report.outputs}.partial: run the same command with --resume to finish "
+                      "the job", signum)
+
+
+@dataclass
+class _Plan:
+    """Where a job reads from and what it has already done."""
+    source: Iterable[PlacedRow]
+    journal: _Journal | None = None
+    written: int = 0
+    failed: int = 0
+    resume_at: tuple[int, int] = (0, 0)
+    start: TablePosition | None = None  # where the job (or this part of it) begins
+
+
+def _plan(opts: PredictOptions, rows, model_dir, resume: bool) -> _Plan:
+    if rows is not None:
+        if resume or opts.shard is not None:
+            raise ConfigError("--resume and --shard need --tables (make a table of the videos first "
+                              "with `v2t make-table`)")
+        return _Plan((PlacedRow(item, i, None) for i, item in enumerate(rows)))
+    if model_dir is None:
+        if resume or opts.shard is not None:
+            raise ConfigError("resume and shards need model_dir (the export the job runs), which "
+                              "the job record names")
+        return _Plan(read_tables(opts.tables, opts.input_schema, opts.max_row_bytes))
+    identity = job_identity(list(opts.tables), model_dir, opts.identity())
+    start = stop = None
+    if opts.shard is not None:
+        start, stop = shard_bounds(opts.tables, *opts.shard)
+    journal = _Journal(opts, identity, stop)
+    if not resume:
+        source = read_tables(opts.tables, opts.input_schema, opts.max_row_bytes, start, stop)
+        return _Plan(source, journal, start=start or TablePosition())
+    record = JobRecord.load(opts.outputs)
+    record.check_same_job(identity)
+    done = record.progress
+    if record.complete:
+        raise ConfigError(f"nothing to resume: the job writing {opts.outputs} finished")
+    source = read_tables(opts.tables, opts.input_schema, opts.max_row_bytes, done.next, stop)
+    log.info("resuming after %d rows written and %d reported", done.written, done.failed)
+    return _Plan(source, journal, done.written, done.failed, (done.rows_bytes, done.errors_bytes), done.next)
+
+
+class Interrupted(V2TError):
+    """SIGINT or SIGTERM stopped the job after the captions in flight; its record is saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
+
+
+class _StopRequest:
+    """While active (in the main thread), the first SIGINT or SIGTERM asks the job to stop
+    taking rows (`signal` is set); a second one acts as if v2t had not caught the first."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+        log.warning("%s: finishing the captions in flight, then stopping (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
 
 
 def _decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[TableRow | RowError], _Decoded]:
@@ -209,21 +373,39 @@ def _decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[TableRow | Row
     return decode
 
 
-def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrder, out: TableOutput,
-            report: PredictReport) -> Iterator[tuple[int, np.ndarray]]:
-    """(input number, normalized pixels) of the good rows; bad rows go to the error report (or,
-    with on_error fail, stop the job)."""
+def _placed_decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[PlacedRow], _Decoded]:
+    """`_decoder` for rows that carry their place in the input."""
+    decode = _decoder(opts, cfg)
+    return lambda placed: dataclasses.replace(decode(placed.item), placed=placed)
+
+
+def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrder,
+            report: PredictReport, stop: _StopRequest) -> Iterator[tuple[int, np.ndarray, SearchOptions]]:
+    """(input number, normalized pixels, search) of the good rows; bad rows go to the error report (or,
+    with on_error fail, stop the job). Stops taking rows once a stop is requested."""
     for seq, d in enumerate(decoded):
+        if stop.signal is not None:
+            return
+        after = d.placed.next if d.placed is not None else None
         if d.error is None:
             report.rows_padded += d.padded > 0
-            in_order.expect(seq, _output_columns(d.row, opts))
-            yield seq, normalize(d.pixels)
+            in_order.expect(seq, _output_columns(d.row, opts), after)
+            yield seq, normalize(d.pixels), row_search(opts.search, d.placed.key)
         elif opts.on_error == "fail":
             raise d.error
         else:
             log.error("skipping %s", d.error)
-            out.add_error(d.error.line_no, d.error.idx, d.error.reason)
-            in_order.skip(seq)
+            in_order.skip(seq, d.error, after)
+
+
+def row_search(search: SearchOptions, key: int) -> SearchOptions:
+    """The search of the row whose line is number `key` among all the tables' lines. Seeded
+    sampling draws from streams keyed by the job's seed and that number, not by the order rows
+    reach the model, so a resumed job or the shards of one draw what the whole job would."""
+    if not search.do_sample or search.seed is None:
+        return search
+    row_seed = np.random.SeedSequence([search.seed, key]).generate_state(2, np.uint64)
+    return dataclasses.replace(search, seed=int(row_seed[0]) << 64 | int(row_seed[1]))
 
 
 def predict_videos(captioner: Captioner, videos: str, opts: PredictOptions, frame_opts,

@@ -59,9 +59,11 @@ class Captioner:
     def caption_stream(self, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions = SearchOptions(),
                        text_len: int | None = None, slots: int = 8) -> Iterator[tuple[Any, list[str]]]:
         """(key, pixels (F, 3, S, S) CLIP-normalized) → (key, captions) in the order captions
-        finish, with continuous batching over `slots` decoder rows (generator.py); opts.seed
-        keys the sampling. Videos are read lazily, as slots free up."""
-        stream = stream_captions(self.backend, videos, opts, self.max_new_tokens(text_len), slots, opts.seed)
+        finish, with continuous batching of `slots` videos at a time (generator.py): each takes
+        opts.rows_per_video decoder rows (1 greedy, num_return sampled, num_beams beams).
+        opts.seed keys the sampling. Videos are read lazily, as slots free up."""
+        rows = slots * opts.rows_per_video
+        stream = stream_captions(self.backend, videos, opts, self.max_new_tokens(text_len), rows, opts.seed)
         for key, ids in stream:
             yield key, self.decode_candidates(ids)
 

@@ -12,6 +12,13 @@ captions equal one-at-a-time decoding (tested). Sampling draws from one random s
 caption, keyed by the video's ordinal and the candidate number, so a seed gives the same samples
 whatever the number of slots.
 
+Beam search (search.BeamSearch) gives a video num_beams slots, filled from one prefill. After
+each step the search picks each beam's parent; the rows whose parent is another row take that
+row's cache columns and tokens, copied in place in the slot cache, and the video's slots are
+freed together when its search ends. Other videos, greedy, sampled or beams, run in the other
+slots of the same steps, and a video's beams read its own rows only, so its captions do not
+depend on them (tested).
+
 ``CaptionGenerator`` is pull-style (``add`` videos, ``generate_next_token`` until ``is_done``),
 so a caller that receives videos one at a time (a service) can feed the running batch;
 ``stream_captions`` drives it over an iterable.
@@ -28,7 +35,7 @@ import numpy as np
 from .backends.base import Backend
 from .contract import DecoderInputs
 from .kv_cache import SlotCache
-from .search import SearchOptions, select_tokens
+from .search import BeamSearch, SearchOptions, adjust_logits, select_tokens, step_beams
 from .state import SlotState
 
 
@@ -57,11 +64,18 @@ def cache_slack(span: int) -> int:
     return max(4, span // 4)
 
 
+Video = tuple[Any, np.ndarray] | tuple[Any, np.ndarray, SearchOptions]
+PLAIN, ONE_BY_ONE, BEAM = 0, 1, 2  # greedy rows batched; sampled or adjusted rows one by one; beams
+
+
 @dataclass
 class _Video:
     key: Any
+    opts: SearchOptions
+    rows: np.ndarray  # its decoder slots
     candidates: np.ndarray  # (n, T) token ids, pad-filled
     remaining: int
+    beams: BeamSearch | None = None
 
 
 class CaptionGenerator:
@@ -69,16 +83,24 @@ class CaptionGenerator:
 
         gen = CaptionGenerator(backend, SearchOptions(), max_new_tokens=16, slots=8)
         gen.add([(key, pixels)])            # pixels (F, 3, S, S), CLIP-normalized
+        gen.add([(key2, pixels2, SearchOptions(do_sample=True, top_k=5, seed=1))])  # its own search
         while not gen.is_done():
             for key, ids in gen.generate_next_token():  # ids (num_return, T), pad after the end
                 ...
+
+    A video takes ``opts.rows_per_video`` slots (1 greedy, num_return sampling, num_beams beam
+    search) and frees them when its captions end. Sampling streams: a video added with its own
+    options whose ``seed`` is set draws from streams keyed by (that seed, candidate number) only,
+    so its samples do not depend on the other videos; every other video's streams are keyed by
+    the generator's ``seed`` and the video's ordinal (the order of `add`), as `stream_captions`
+    and predict use them.
     """
 
     def __init__(self, backend: Backend, opts: SearchOptions, max_new_tokens: int, slots: int = 8,
                  seed: int | None = None):
         cfg = backend.config
         self.backend, self.opts = backend, opts
-        self.per_video = 1 if opts.candidates_identical else opts.num_return  # slots per video
+        self.per_video = opts.rows_per_video  # slots per video with the generator's options
         self.slots = max(slots, self.per_video)
         self.state = SlotState(self.slots, max_new_tokens, cfg.pad_id)
         self.cache: SlotCache | None = None  # allocated by the first videos (frame count)
@@ -86,6 +108,8 @@ class CaptionGenerator:
         self.logits = np.zeros((self.slots, cfg.vocab_size), np.float32)
         self.owner: list[tuple[_Video, int] | None] = [None] * self.slots  # (video, candidate)
         self.rngs: list[np.random.Generator | None] = [None] * self.slots
+        self.kind = np.zeros(self.slots, np.int8)  # each slot's caption: PLAIN, ONE_BY_ONE or BEAM
+        self.beaming: dict[int, _Video] = {}  # videos in beam search, by id
         self.entropy = np.random.SeedSequence(seed).entropy
         self.videos_seen = 0
 
@@ -93,39 +117,57 @@ class CaptionGenerator:
         """No caption in progress."""
         return not self.state.live.any()
 
+    def free_slots(self) -> int:
+        return len(self.state.free)
+
+    def slots_needed(self, opts: SearchOptions | None = None) -> int:
+        """Slots one video with `opts` (default: the generator's) takes."""
+        return (opts or self.opts).rows_per_video
+
     def videos_wanted(self) -> int:
-        """How many videos to add now: as many as the free slots hold, once enough are free
-        (`refill_threshold`) or when nothing runs; else 0."""
+        """How many videos with the generator's options to add now: as many as the free slots
+        hold, once enough are free (`refill_threshold`) or when nothing runs; else 0."""
         free = len(self.state.free)
         wanted = refill_threshold(self.slots) if not self.is_done() else 1
         return free // self.per_video if free >= max(wanted, self.per_video) else 0
 
-    def add(self, videos: Sequence[tuple[Any, np.ndarray]]) -> None:
-        """Start captions for (key, pixels (F, 3, S, S)) in free slots: one prefill for all."""
+    def add(self, videos: Sequence[Video]) -> None:
+        """Start captions for (key, pixels (F, 3, S, S)) or (key, pixels, SearchOptions) in free
+        slots: one prefill for all. ValueError when they need more slots than are free."""
         if not videos:
             return
+        opts = [v[2] if len(v) > 2 else self.opts for v in videos]
+        counts = np.array([o.rows_per_video for o in opts])
         free = self.state.free
-        if len(videos) * self.per_video > len(free):
-            raise ValueError(f"{len(videos)} videos need {len(videos) * self.per_video} slots, "
-                             f"{len(free)} are free")
-        pixels = np.stack([p for _, p in videos])  # (k, F, 3, S, S)
+        if counts.max() > self.slots or counts.sum() > len(free):
+            raise ValueError(f"{len(videos)} videos need {counts.sum()} slots, {len(free)} are free "
+                             f"(of {self.slots})")
+        pixels = np.stack([v[1] for v in videos])  # (k, F, 3, S, S)
         if self.cache is None:
             self._allocate(pixels.shape[1])
         if pixels.shape[1] != self.frame_num:
             raise ValueError(f"videos have {pixels.shape[1]} frames, the first ones had {self.frame_num}")
         logits, kv = self._prefill(encode_videos(self.backend, pixels))  # (k, V), [(k, nh, F, hs)]
-        rows = free[:len(videos) * self.per_video]
-        source = np.repeat(np.arange(len(videos)), self.per_video)  # candidates share the prefix
+        rows = free[:counts.sum()]
+        source = np.repeat(np.arange(len(videos)), counts)  # a video's rows share its prefix
         self.cache.write_rows(rows, source, kv)
         self.state.begin(rows, self.cache.length - self.frame_num)
         self.logits[rows] = logits[source]
-        for (key, _), first in zip(videos, range(0, len(rows), self.per_video)):
-            video = _Video(key, np.full((self.per_video, self.state.max_new), self.state.pad, np.int64),
-                           self.per_video)
-            for c in range(self.per_video):
-                self.owner[rows[first + c]] = (video, c)
-                self.rngs[rows[first + c]] = self._stream(self.videos_seen, c)
-            self.videos_seen += 1
+        for v, o, own in zip(videos, opts, np.split(rows, np.cumsum(counts)[:-1])):
+            self._start(v[0], o, own, explicit=len(v) > 2)
+
+    def _start(self, key: Any, opts: SearchOptions, rows: np.ndarray, explicit: bool) -> None:
+        n = len(rows)
+        video = _Video(key, opts, rows, np.full((n, self.state.max_new), self.state.pad, np.int64), n)
+        if opts.uses_beams:
+            video.beams = BeamSearch(opts, self.state.max_new, self.state.pad)
+            self.beaming[id(video)] = video
+        one_by_one = opts.do_sample or opts.adjusts_logits
+        self.kind[rows] = BEAM if opts.uses_beams else ONE_BY_ONE if one_by_one else PLAIN
+        for c, r in enumerate(rows):
+            self.owner[r] = (video, c)
+            self.rngs[r] = self._stream(opts, self.videos_seen, c, explicit)
+        self.videos_seen += 1
 
     def generate_next_token(self) -> list[tuple[Any, np.ndarray]]:
         """Choose every running caption's next token, then run the decoder step that scores the
@@ -150,20 +192,33 @@ class CaptionGenerator:
         logits = self.backend.decoder_step(DecoderInputs.prefix_step(prefix), [empty] * len(kv), kv)
         return logits, kv
 
-    def _stream(self, video: int, candidate: int) -> np.random.Generator | None:
-        if not self.opts.do_sample:
+    def _stream(self, opts: SearchOptions, video: int, candidate: int,
+                explicit: bool) -> np.random.Generator | None:
+        if not opts.do_sample:
             return None
+        if explicit and opts.seed is not None:
+            return np.random.default_rng(np.random.SeedSequence(opts.seed, spawn_key=(candidate,)))
         return np.random.default_rng(np.random.SeedSequence(self.entropy, spawn_key=(video, candidate)))
 
     def _choose(self, rows: np.ndarray) -> np.ndarray:
-        if not self.opts.do_sample:
-            return select_tokens(self.logits[rows], self.opts, None)
-        # One draw per caption from its own stream: slower than one batched draw, but the samples
-        # then do not depend on which slot or batch a caption ran in.
-        return np.concatenate([select_tokens(self.logits[r:r + 1], self.opts, self.rngs[r]) for r in rows])
+        """Next token of each row of a greedy or sampled caption."""
+        plain = self.kind[rows] == PLAIN
+        chosen = np.empty(len(rows), np.int64)
+        chosen[plain] = self.logits[rows[plain]].argmax(axis=-1)  # greedy rows: one batched argmax
+        # Every other row by itself, from its own stream: the samples then do not depend on which
+        # slot or batch a caption ran in.
+        for i in np.flatnonzero(~plain):
+            r = rows[i]
+            opts = self.owner[r][0].opts
+            logits = adjust_logits(self.logits[r:r + 1], self.state.tokens[r:r + 1], self.state.n_tokens[r:r + 1],
+                                   opts)
+            chosen[i] = select_tokens(logits, opts, self.rngs[r])[0]
+        return chosen
 
     def _select(self) -> list[tuple[Any, np.ndarray]]:
-        rows = np.flatnonzero(self.state.live)
+        live = np.flatnonzero(self.state.live)
+        in_beams = self.kind[live] == BEAM
+        rows = live[~in_beams]
         finished = []
         for r in self.state.record(rows, self._choose(rows)):
             video, c = self.owner[r]
@@ -171,8 +226,42 @@ class CaptionGenerator:
             video.remaining -= 1
             if video.remaining == 0:
                 # Greedy candidates are identical: one was decoded, and it stands for all of them.
-                n = self.opts.num_return
+                n = video.opts.num_return
                 finished.append((video.key, np.repeat(video.candidates, n // len(video.candidates), axis=0)))
+        finished += self._beam_step()
+        return finished
+
+    def _beam_step(self) -> list[tuple[Any, np.ndarray]]:
+        """One step of every running beam search (videos with the same options together). The
+        rows whose new beam continues another row take that row's cache columns and tokens
+        (only those rows are copied); a video whose search ended frees its rows."""
+        if not self.beaming:
+            return []
+        groups: dict[SearchOptions, list[_Video]] = {}
+        for video in self.beaming.values():
+            groups.setdefault(video.opts, []).append(video)
+        finished, dst, src, going, tokens = [], [], [], [], []
+        for videos in groups.values():
+            own = np.stack([v.rows for v in videos])  # (n, K)
+            parents, chosen = step_beams([v.beams for v in videos], self.logits[own])  # (n, K) each
+            done = np.array([v.beams.done for v in videos])
+            for video in (v for v, d in zip(videos, done) if d):
+                self.state.live[video.rows] = False
+                del self.beaming[id(video)]
+                finished.append((video.key, video.beams.best(video.opts.num_return)))
+            own, parents, chosen = own[~done], parents[~done], chosen[~done]
+            moved = parents != np.arange(own.shape[1])
+            dst.append(own[moved])
+            src.append(np.take_along_axis(own, parents, 1)[moved])
+            going.append(own.ravel())
+            tokens.append(chosen.ravel())
+        dst, src = np.concatenate(dst), np.concatenate(src)
+        if len(dst):
+            # Columns before a video's start are masked for its rows: copying them is harmless.
+            self.cache.copy_rows(dst, src, first_column=int(self.state.start[dst].min()))
+            self.state.copy_rows(dst, src)
+        # Beams never end here: [PAD] and the length limit end the search instead.
+        self.state.record(np.concatenate(going), np.concatenate(tokens))
         return finished
 
     def _step(self) -> None:
@@ -210,7 +299,7 @@ def generate_candidates(backend: Backend, pixels: np.ndarray, opts: SearchOption
                         rng: np.random.Generator, max_new_tokens: int) -> np.ndarray:
     """pixels (B, F, 3, S, S) → token ids (B, num_return, max_new_tokens), one slot per caption."""
     B = pixels.shape[0]
-    n = 1 if opts.candidates_identical else opts.num_return
+    n = opts.rows_per_video
     out = np.full((B, opts.num_return, max_new_tokens), backend.config.pad_id, np.int64)
     seed = int(rng.integers(2 ** 63)) if opts.do_sample else None
     for i, candidates in stream_captions(backend, enumerate(pixels), opts, max_new_tokens,

@@ -54,6 +54,12 @@ class SlotCache:
         for dst, src in zip(self.past(), kv):
             dst[rows, :, self.length - L:, :] = src[source_rows]
 
+    def copy_rows(self, rows: np.ndarray, source_rows: np.ndarray, first_column: int = 0) -> None:
+        """Rows ``rows`` take the columns ``[first_column, S)`` of ``source_rows`` (beam search's
+        reorder), in place; a row may be both read and written (the sources are read first)."""
+        for t in self.past():
+            t[rows, :, first_column:] = t[source_rows, :, first_column:]
+
     def compact(self, first: int) -> None:
         """Drop columns ``[0, first)``: one copy into the other buffer, then swap."""
         if first <= 0:

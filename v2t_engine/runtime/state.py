@@ -44,6 +44,11 @@ class SlotState:
         self.live[ended] = False
         return ended
 
+    def copy_rows(self, rows: np.ndarray, source_rows: np.ndarray) -> None:
+        """Rows ``rows`` continue the captions of ``source_rows`` (of the same video)."""
+        self.tokens[rows] = self.tokens[source_rows]
+        self.n_tokens[rows] = self.n_tokens[source_rows]
+
     def first_live_column(self) -> int:
         """The oldest cache column a live caption still reads."""
         return int(self.start[self.live].min())

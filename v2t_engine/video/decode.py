@@ -20,6 +20,8 @@ import base64
 import bisect
 import io
 import math
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,10 @@ class FrameOptions:
 
     frames: K. None means DEFAULT_FRAMES for uniform/first sampling and no limit for fps:N.
     size: shrink frames so the shorter side is `size` (never enlarge); None keeps them as decoded.
+    max_video_bytes, max_video_seconds: a video file larger, or longer, is refused before any
+        frame is decoded: the size from the file system, the duration from the container's header
+        (a stream that declares none is read only up to the limit).
+    max_image_bytes: largest image of a folder of frames, as FrameSource.max_image_bytes.
     """
 
     frames: int | None = None
@@ -89,8 +95,15 @@ class FrameOptions:
     format: str = "jpeg"
     quality: int = 90
     max_pixels: int = 50_000_000  # per frame; as FrameSource.max_image_pixels for tables
+    max_video_bytes: int = 20_000_000_000
+    max_video_seconds: float = 6 * 3600
+    max_image_bytes: int = 50_000_000
 
     def __post_init__(self) -> None:
+        for key in ("max_pixels", "max_video_bytes", "max_video_seconds", "max_image_bytes"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a positive number, got {value}")
         if self.frames is not None and self.frames < 1:
             raise ConfigError(f"frames must be at least 1, got {self.frames}")
         if self.size is not None and self.size < 1:
@@ -195,18 +208,32 @@ class Frames:
 
 
 def read_frame_folder(folder: str, opts: FrameOptions) -> Frames:
-    paths = sorted(p for p in Path(folder).iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    try:
+        paths = sorted(p for p in Path(folder).iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    except OSError as err:
+        raise VideoError(f"cannot list the folder ({err.strerror or err})") from None
     if not paths:
         raise VideoError("folder holds no images (list video files one by one, or give the folder itself to --videos)")
     images = []
     for i in frame_indices(opts.sampling, opts.count, len(paths)):
         try:
-            image = open_image(paths[i].read_bytes(), opts.max_pixels)
+            image = open_image(_read_capped(paths[i], opts.max_image_bytes), opts.max_pixels)
         except (FrameError, OSError) as err:
             raise VideoError(f"frame {paths[i].name!r}: {err}") from None
         images.append(ImageOps.exif_transpose(image).convert("RGB"))  # camera orientation applied
     return Frames(images, len(paths))
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, FrameError when it holds more than `limit` (never read whole)."""
+    with open(path, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise FrameError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FrameError(f"over the limit of {limit} bytes (max_image_bytes)")
+    return data
 
 
 def read_video(path: str, opts: FrameOptions) -> Frames:
@@ -218,9 +245,11 @@ def read_video(path: str, opts: FrameOptions) -> Frames:
     target is passed, jumping to the keyframe before a target when that skips enough of the
     video (decoding from a keyframe gives the frames a straight decode gives)."""
     av = require_av()
-    _check_file(path)
+    _check_file(path, opts.max_video_bytes)
     with _open(av, path) as container:
-        span = _probe(av, container, _video_stream(container))
+        stream = _video_stream(container)
+        _check_duration(container, stream, opts.max_video_seconds)
+        span = _probe(av, container, stream, opts.max_video_seconds)
     try:
         return _read_frames(av, path, opts, span, seek=True)
     except _SeekFailed:
@@ -238,14 +267,34 @@ def _read_frames(av, path: str, opts: FrameOptions, span: _Span, seek: bool) -> 
     return Frames(picker.finish(), span.packets)
 
 
-def _check_file(path: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise VideoError("does not exist")
-    if p.is_dir():
+def _check_file(path: str, max_bytes: int) -> None:
+    """Refuse, from the file system alone, what must not be opened: nothing there, a directory,
+    a device or FIFO (FFmpeg would read /dev/zero or wait on a FIFO forever), an empty file, a
+    file over max_video_bytes."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise VideoError("does not exist") from None
+    except (OSError, ValueError) as err:
+        raise VideoError(f"cannot read ({getattr(err, 'strerror', None) or err})") from None
+    if stat.S_ISDIR(info.st_mode):
         raise VideoError("is a directory holding no images")
-    if p.stat().st_size == 0:
+    if not stat.S_ISREG(info.st_mode):
+        raise VideoError("is not a regular file (a device, FIFO or socket)")
+    if info.st_size == 0:
         raise VideoError("is empty (0 bytes)")
+    if info.st_size > max_bytes:
+        raise VideoError(f"has {info.st_size} bytes, over the limit of {max_bytes} (max_video_bytes)")
+
+
+def _check_duration(container, stream, max_seconds: float) -> None:
+    """The duration the header declares (the video stream's, else the container's) against
+    max_video_seconds, before any packet is read."""
+    declared = _declared_duration(container, stream)
+    if declared is None and container.duration:
+        declared = container.duration / 1_000_000  # AV_TIME_BASE
+    if declared is not None and declared > max_seconds:
+        raise VideoError(f"declares {declared:.0f} s, over the limit of {max_seconds:g} s (max_video_seconds)")
 
 
 def _open(av, path: str):
@@ -286,8 +335,10 @@ class _Span:
     keyframes: tuple[tuple[float, int], ...] = ()  # (seconds, pts), in time order
 
 
-def _probe(av, container, stream) -> _Span:
-    """The video stream's time span from its packets' timestamps."""
+def _probe(av, container, stream, max_seconds: float = math.inf) -> _Span:
+    """The video stream's time span from its packets' timestamps. Reading stops with a
+    VideoError once the span passes `max_seconds` (a header that declares no duration, or the
+    wrong one, cannot make it read on)."""
     rate = float(stream.guessed_rate or stream.average_rate or 25)
     tb = stream.time_base
     start = end = None
@@ -300,6 +351,8 @@ def _probe(av, container, stream) -> _Span:
             packets += 1
             ts = packet.pts if packet.pts is not None else packet.dts
             if ts is None:
+                if start is None and packets / rate > max_seconds:
+                    raise _past_limit(max_seconds)
                 continue
             t0 = float(ts * tb)
             if packet.is_keyframe and packet.pts is not None:
@@ -307,6 +360,8 @@ def _probe(av, container, stream) -> _Span:
             t1 = t0 + (float(packet.duration * tb) if packet.duration else 1.0 / rate)
             start = t0 if start is None else min(start, t0)
             end = t1 if end is None else max(end, t1)
+            if end - start > max_seconds:
+                raise _past_limit(max_seconds)
     except av.error.FFmpegError as err:
         raise VideoError(f"corrupt or truncated (FFmpeg: {_ffmpeg_message(err)} after "
                          f"{packets} packets)") from None
@@ -319,6 +374,10 @@ def _probe(av, container, stream) -> _Span:
         raise VideoError(f"truncated: its frames end at {end - start:.2f} s but it declares "
                          f"{declared:.2f} s")
     return _Span(start, end, rate, packets, tuple(sorted(keyframes)))
+
+
+def _past_limit(max_seconds: float) -> VideoError:
+    return VideoError(f"runs past the limit of {max_seconds:g} s (max_video_seconds); read no further")
 
 
 def _declared_duration(container, stream) -> float | None:

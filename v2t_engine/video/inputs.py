@@ -31,6 +31,9 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".w
 # reporting them as broken videos.
 TEXT_SUFFIXES = frozenset({".txt", ".lst", ".list", ".tsv", ".csv", ".json", ".jsonl", ".md",
                            ".srt", ".vtt", ".log", ".partial", ".lock", ".yaml", ".yml", ".xml"})
+# The longest line of a list file read (a path; file systems allow 4,096 bytes): a longer one
+# is an input reported as unusable, skipped in chunks, never held whole.
+MAX_LIST_LINE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,11 @@ def iter_inputs(spec: str, idx_style: str = "path") -> Iterator[VideoInput]:
 def _inputs(parts: list[str], idx_style: str) -> Iterator[VideoInput]:
     ordinal = 0
     for part in parts:
-        for idx, path, is_folder in _expand(part):
+        for idx, path, is_folder, problem in _expand(part):
             ordinal += 1
-            if idx_style == "stem":
+            if idx_style == "stem" and not problem:
                 idx = Path(idx).name if is_folder else Path(idx).stem
-            yield VideoInput(ordinal, printable(idx), path, is_folder, _name_problem(idx))
+            yield VideoInput(ordinal, printable(idx), path, is_folder, problem or _name_problem(idx))
 
 
 def printable(name: str) -> str:
@@ -82,8 +85,17 @@ def _name_problem(idx: str) -> str | None:
     return None
 
 
+def _exists(path: Path, test=Path.exists) -> bool:
+    """`test(path)` (exists, is_dir, is_file), False for a name no file system takes (too long,
+    a NUL byte, a loop of links) instead of an OSError or ValueError."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
 def _parts(spec: str) -> list[str]:
-    if Path(spec.strip()).exists():
+    if _exists(Path(spec.strip())):
         return [spec.strip()]  # a name that holds a comma
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
@@ -98,11 +110,11 @@ def count_inputs(spec: str) -> int | None:
     try:
         for part in _parts(spec):
             path = Path(part)
-            if path.is_dir():
+            if _exists(path, Path.is_dir):
                 total += sum(1 for _ in _walk(path, path))
-            elif path.is_file() and _is_list_file(path):
-                with open(path, "rb") as f:
-                    total += sum(1 for line in f if line.strip())
+            elif _exists(path, Path.is_file) and _is_list_file(path):
+                with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+                    total += sum(1 for line in _lines(f) if line is None or line.strip())
             else:
                 total += 1
     except OSError:
@@ -110,15 +122,15 @@ def count_inputs(spec: str) -> int | None:
     return total
 
 
-def _expand(part: str) -> Iterator[tuple[str, str, bool]]:
-    """(idx, path, is_frame_folder) for one `--videos` path."""
+def _expand(part: str) -> Iterator[tuple[str, str, bool, str | None]]:
+    """(idx, path, is_frame_folder, why it cannot be read or None) for one `--videos` path."""
     path = Path(part)
-    if path.is_dir():
+    if _exists(path, Path.is_dir):
         yield from _walk(path, path)
-    elif path.is_file() and _is_list_file(path):
+    elif _exists(path, Path.is_file) and _is_list_file(path):
         yield from _list_entries(path)
     else:
-        yield part, part, False  # a video, or a missing path reported when it is read
+        yield part, part, False, None  # a video, or a missing path reported when it is read
 
 
 def _is_list_file(path: Path) -> bool:
@@ -138,30 +150,52 @@ def _is_list_file(path: Path) -> bool:
     return b"\0" not in head
 
 
-def _list_entries(list_path: Path) -> Iterator[tuple[str, str, bool]]:
+def _list_entries(list_path: Path) -> Iterator[tuple[str, str, bool, str | None]]:
     # surrogateescape: a listed name that is not UTF-8 still reaches the file system as its
     # bytes, and is reported (bad_name) instead of ending the job.
     with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for line in f:  # streamed: a list of a million paths is never held whole
+        for line_no, line in enumerate(_lines(f), start=1):  # streamed, one bounded line at a time
+            if line is None:
+                yield (f"{list_path.name} line {line_no}", str(list_path), False,
+                       f"listed path is longer than {MAX_LIST_LINE} characters; skipped unread")
+                continue
             entry = line.strip()
-            if entry:
-                yield entry, entry, Path(entry).is_dir()
+            if "\0" in entry:
+                yield entry.replace("\0", " "), entry, False, "the listed path holds a NUL character"
+            elif entry:
+                yield entry, entry, _exists(Path(entry), Path.is_dir), None
 
 
-def _walk(root: Path, top: Path) -> Iterator[tuple[str, str, bool]]:
+def _lines(f) -> Iterator[str | None]:
+    """The lines of a text file, None for one longer than MAX_LIST_LINE (read past in chunks)."""
+    while line := f.readline(MAX_LIST_LINE + 1):
+        if len(line) <= MAX_LIST_LINE or line.endswith("\n"):
+            yield line
+            continue
+        while (chunk := f.readline(1 << 20)) and not chunk.endswith("\n"):
+            pass
+        yield None
+
+
+def _walk(root: Path, top: Path) -> Iterator[tuple[str, str, bool, str | None]]:
     """Depth-first, each directory's entries sorted by name; only one directory's listing is
-    held at a time."""
-    with os.scandir(top) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    kinds = {e.name: _kind(e) for e in entries}
+    held at a time. A directory that cannot be listed is an input reported with the reason."""
+    rel = top.relative_to(root).as_posix()
+    name = root.name if rel == "." else rel
+    try:
+        with os.scandir(top) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        kinds = {e.name: _kind(e) for e in entries}
+    except OSError as err:
+        yield name, str(top), False, f"cannot list the directory ({err.strerror or err})"
+        return
     if "image" in kinds.values() and "video" not in kinds.values():
-        rel = top.relative_to(root).as_posix()
-        yield (root.name if rel == "." else rel), str(top), True
+        yield name, str(top), True, None
     for entry in entries:
         if kinds[entry.name] == "dir":
             yield from _walk(root, Path(entry.path))
         elif kinds[entry.name] == "video":
-            yield Path(entry.path).relative_to(root).as_posix(), entry.path, False
+            yield Path(entry.path).relative_to(root).as_posix(), entry.path, False, None
     # Images next to videos are covers or thumbnails, not videos: left out of the walk.
 
 
