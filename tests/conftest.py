@@ -95,6 +95,21 @@ def random_export(random_checkpoint, tmp_path_factory):
     return export(random_checkpoint, tmp_path_factory, "random_export")
 
 
+@pytest.fixture(scope="session")
+def test_pixels(synth_data):
+    """(N, F, 3, S, S) normalized frames of the held-out clips, decoded as predict decodes them."""
+    import numpy as np
+
+    from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
+    from v2t_engine.inputs.preprocess import normalize
+    from v2t_engine.inputs.tables import InputSchema, read_table
+
+    rows = read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA))
+    frames = [row_frames_or_error(r, "imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"], FrameSource())[0]
+              for r in rows]
+    return normalize(np.stack(frames))
+
+
 # ------------------------------------------------------------------------------- slow tier
 @pytest.fixture(scope="session")
 def recipe_data(tmp_path_factory):

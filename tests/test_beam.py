@@ -5,9 +5,6 @@ exhaustive search on injected logits: tests/test_search.py.)"""
 import numpy as np
 import pytest
 
-from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
-from v2t_engine.inputs.preprocess import normalize
-from v2t_engine.inputs.tables import InputSchema, read_table
 from v2t_engine.runtime.backends.ort import OrtBackend
 from v2t_engine.runtime.generator import CaptionGenerator, stream_captions
 from v2t_engine.runtime.search import SearchOptions
@@ -26,12 +23,9 @@ def backend(random_export):
 
 
 @pytest.fixture(scope="module")
-def pixels(synth_data, backend):
+def pixels(test_pixels):
     """(N, F, 3, S, S) normalized frames of the first held-out clips."""
-    cfg = backend.config
-    rows = list(read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA)))[:N_VIDEOS]
-    frames = [row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0] for r in rows]
-    return normalize(np.stack(frames))
+    return test_pixels[:N_VIDEOS]
 
 
 def run(gen, videos):

@@ -4,14 +4,10 @@ import numpy as np
 import pytest
 
 from v2t_engine.runtime.backends.ort import OrtBackend
-from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
 from v2t_engine.runtime.generator import generate_candidates, stream_captions
 from v2t_engine.runtime.kv_cache import SlotCache
-from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.runtime.search import SearchOptions
-from v2t_engine.inputs.tables import InputSchema, read_table
 
-from conftest import TEST_SCHEMA
 
 N_VIDEOS = 24
 
@@ -22,12 +18,9 @@ def backend(random_export):
 
 
 @pytest.fixture(scope="module")
-def pixels(synth_data, backend):
+def pixels(test_pixels):
     """(N, F, 3, S, S) normalized frames of the first held-out clips."""
-    cfg = backend.config
-    rows = list(read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA)))[:N_VIDEOS]
-    frames = [row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0] for r in rows]
-    return normalize(np.stack(frames))
+    return test_pixels[:N_VIDEOS]
 
 
 def caption_all(backend, pixels, opts=SearchOptions(), slots=4, seed=None):
