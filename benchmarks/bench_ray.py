@@ -44,10 +44,13 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="micro_batch_size of both")
     parser.add_argument("--frame-size", default="320x240", help="width x height of the table's frames")
     parser.add_argument("--cores", type=int, default=None, help="CPUs given to Ray (default: this process's)")
+    parser.add_argument("--precision", default="fp32",
+                        help="export precision (int8 captions may differ with batch composition: dynamic "
+                             "quantization, so 'outputs identical' holds for fp32 only)")
     args = parser.parse_args()
     cfg, workdir = setup(args)
     workdir.mkdir(parents=True, exist_ok=True)
-    export_dir = export(checkpoint(cfg, workdir), "fp32")
+    export_dir = export(checkpoint(cfg, workdir), args.precision)
     rows = args.rows or (400 if args.tiny else 24)
     size = tuple(int(v) for v in args.frame_size.split("x"))
     table, one = make_table(workdir / f"ray-{rows}.txt", rows, cfg, size), make_table(workdir / "ray-1.txt", 1, cfg, size)
