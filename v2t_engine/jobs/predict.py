@@ -386,7 +386,7 @@ def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrde
     for seq, d in enumerate(decoded):
         if stop.signal is not None:
             return
-        after = d.placed.next if d.placed is not None else None
+        after = d.placed.next
         if d.error is None:
             report.rows_padded += d.padded > 0
             in_order.expect(seq, _output_columns(d.row, opts), after)
