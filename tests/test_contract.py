@@ -90,20 +90,41 @@ def test_backends_are_chosen_by_directory_and_named_by_entry_point(random_export
         load_backend(tmp_path)
 
 
-def test_slot_state_builds_each_rows_own_positions_and_mask():
-    state = SlotState(slots=3, max_new_tokens=4, pad_id=0)
-    state.begin(np.array([0, 2]), start=1)  # two videos whose 2 frames fill columns 1..2
-    assert state.free.tolist() == [1]
+def test_host_slot_decoder_steps_each_row_at_its_own_position_and_only_up_to_the_last_live_row(random_export):
+    from v2t_engine.runtime.slot_decoder import HostSlotDecoder
+
+    class Recording:  # the real backend, with each decoder call's inputs kept
+        def __init__(self, backend):
+            self.backend, self.config, self.calls = backend, backend.config, []
+
+        def decoder_step(self, inputs, past, present):
+            self.calls.append((inputs, past[0].shape))
+            return self.backend.decoder_step(inputs, past, present)
+
+    backend = Recording(OrtBackend(random_export))
+    cfg = backend.config
+    dec = HostSlotDecoder(backend, slots=4, frame_num=2, max_new_tokens=4)
+    prefix = np.random.default_rng(0).standard_normal((2, 2, cfg.n_embd)).astype(np.float32)
+    dec.prefill(np.array([0, 2]), prefix, np.array([0, 1]))  # two videos' 2 frames fill columns 0..1
+    assert dec.start.tolist() == [0, 2, 0, 2]
+    state = SlotState(slots=4, max_new_tokens=4, pad_id=0)
+    state.begin(np.array([0, 2]))
+    assert state.free.tolist() == [1, 3]
     ended = state.record(np.array([0, 2]), np.array([7, 0]))  # row 2 chose [PAD]: its caption ends
-    assert ended.tolist() == [2] and state.live.tolist() == [True, False, False]
-    inputs = state.step_inputs(length=3, n_embd=16)
-    assert isinstance(inputs, DecoderInputs)
-    assert inputs.input_ids[:, 0].tolist() == [7, 0, 0]  # free rows feed a throwaway [PAD]
-    assert inputs.position_ids[:, 0].tolist() == [2, 0, 0]  # 2 frames before row 0's token
-    assert inputs.attention_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 1]]
-    assert inputs.prefix_embeds.shape == (3, 0, 16)
-    state.drop_columns(1)
-    assert state.first_live_column() == 0
+    assert ended.tolist() == [2] and state.live.tolist() == [True, False, False, False]
+    dec.step(state.last_tokens(), state.live)
+    inputs, past_shape = backend.calls[-1]
+    assert isinstance(inputs, DecoderInputs) and past_shape[0] == 1  # rows after the last live one idle
+    assert inputs.input_ids.tolist() == [[7]] and inputs.position_ids.tolist() == [[2]]
+    assert inputs.attention_mask.tolist() == [[1, 1, 1]]
+    state.begin(np.array([1]))  # a new video in the lowest free slot: rows 0..1 run
+    dec.prefill(np.array([1]), prefix[:1], np.array([0]))
+    assert dec.start[1] == 1  # its frames are the cache's last 2 columns
+    state.record(np.array([0, 1]), np.array([5, 6]))
+    dec.step(state.last_tokens(), state.live)
+    inputs, past_shape = backend.calls[-1]
+    assert past_shape[0] == 2 and inputs.position_ids.tolist() == [[3], [2]]
+    assert inputs.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
 
 
 def test_the_pull_style_generator_takes_videos_while_it_runs(random_export, synth_data):
@@ -152,3 +173,13 @@ def test_export_files_are_checked_against_the_manifest(random_export, tmp_path):
     (edited / "tokenizer.json").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="tokenizer.json does not have the SHA-256"):
         load_backend(edited, verify=True)
+
+
+def test_uint8_crops_are_normalized_by_every_backend_exactly_as_preprocess_does(random_export, random_checkpoint,
+                                                                                test_pixels):
+    from v2t_engine.inputs.preprocess import normalize
+
+    crops = np.random.default_rng(3).integers(0, 256, (3, *test_pixels.shape[2:]), dtype=np.uint8)
+    for path in (random_export, random_checkpoint):
+        backend = load_backend(path)
+        assert np.array_equal(backend.encode_frames(crops), backend.encode_frames(normalize(crops)))

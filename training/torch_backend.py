@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from v2t_engine.errors import ConfigError
+from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.runtime.contract import DecoderInputs
 
 from .checkpoint import is_checkpoint, load_model
@@ -20,8 +22,11 @@ class TorchBackend:
              "video2text checkpoint: pytorch_model.bin + config.json + vocab.txt)")
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 verify: bool = False):
+                 verify: bool = False, precision: str | None = None):
         del verify  # checkpoints record no digests; their loader checks every key and shape
+        if precision not in (None, "fp32"):
+            raise ConfigError(f"the torch backend is the fp32 reference; for --precision {precision} use "
+                              "--backend torch-fast (GPU) or an export made with that precision")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -38,6 +43,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        if frames.dtype == np.uint8:
+            frames = normalize(frames)
         return self.model.first_stage_model(self._t(frames)).float().cpu().numpy()
 
     @torch.inference_mode()

@@ -2,7 +2,7 @@
 
     from v2t_engine import Captioner
     cap = Captioner.load("export_dir")
-    captions = cap.caption_pixels(pixels)  # (B, F, 3, S, S) float32 → [[caption, ...], ...]
+    captions = cap.caption_pixels(pixels)  # (B, F, 3, S, S) uint8 crops → [[caption, ...], ...]
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu",
-             threads: int | None = None, verify: bool = False) -> "Captioner":
+             threads: int | None = None, verify: bool = False, precision: str | None = None) -> "Captioner":
         """An export directory runs on ONNX Runtime, a training checkpoint on the PyTorch
         reference (with the training extra installed); `backend` names one instead. `verify`
         checks the SHA-256 of the export's files against its manifest."""
-        return cls(load_backend(path, backend, device, threads, verify))
+        return cls(load_backend(path, backend, device, threads, verify, precision))
 
     def max_new_tokens(self, text_len: int | None) -> int:
         """Caption length limit: the model's text_len unless a shorter one is asked for. Longer is
@@ -47,7 +47,7 @@ class Captioner:
 
     def generate_ids(self, pixels: np.ndarray, opts: SearchOptions = SearchOptions(),
                      rng: np.random.Generator | None = None, text_len: int | None = None) -> np.ndarray:
-        """pixels (B, F, 3, S, S) CLIP-normalized → token ids (B, num_return, T)."""
+        """pixels (B, F, 3, S, S), uint8 crops or CLIP-normalized float32 → token ids (B, num_return, T)."""
         if rng is None:
             rng = np.random.default_rng(opts.seed)
         return generate_candidates(self.backend, pixels, opts, rng, self.max_new_tokens(text_len))
@@ -58,7 +58,7 @@ class Captioner:
 
     def caption_stream(self, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions = SearchOptions(),
                        text_len: int | None = None, slots: int = 8) -> Iterator[tuple[Any, list[str]]]:
-        """(key, pixels (F, 3, S, S) CLIP-normalized) → (key, captions) in the order captions
+        """(key, pixels (F, 3, S, S) uint8 crops or CLIP-normalized) → (key, captions) in the order captions
         finish, with continuous batching of `slots` videos at a time (generator.py): each takes
         opts.rows_per_video decoder rows (1 greedy, num_return sampled, num_beams beams).
         opts.seed keys the sampling. Videos are read lazily, as slots free up."""

@@ -33,14 +33,14 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
-from .contract import DecoderInputs
-from .kv_cache import SlotCache
 from .search import BeamSearch, SearchOptions, adjust_logits, select_tokens, step_beams
+from .slot_decoder import HostSlotDecoder, SlotDecoder
 from .state import SlotState
 
 
 def encode_videos(backend: Backend, pixels: np.ndarray) -> np.ndarray:
-    """pixels (B, F, 3, S, S) → prefix embeddings (B, F, E)."""
+    """pixels (B, F, 3, S, S), uint8 crops or CLIP-normalized float32 → prefix embeddings (B, F, E),
+    as the backend returns them (a GPU backend may keep them on the device)."""
     B, F = pixels.shape[:2]
     emb = backend.encode_frames(np.ascontiguousarray(pixels.reshape(B * F, *pixels.shape[2:])))  # (B*F, E)
     return emb.reshape(B, F, -1)
@@ -55,13 +55,6 @@ def refill_threshold(slots: int) -> int:
     about c/R + R·L/(2·slots²) steps (c ≈ 0.7, L ≈ 16 tokens a caption), smallest near
     R = slots/4."""
     return max(1, -(-slots // 4))
-
-
-def cache_slack(span: int) -> int:
-    """Columns beyond the longest caption's span before the cache is compacted. Every step reads
-    all columns, masked ones included (measured: +10 % step time from 36 to 72 columns at 32
-    slots), and each compaction copies the cache once: a quarter span keeps both small."""
-    return max(4, span // 4)
 
 
 Video = tuple[Any, np.ndarray] | tuple[Any, np.ndarray, SearchOptions]
@@ -103,9 +96,7 @@ class CaptionGenerator:
         self.per_video = opts.rows_per_video  # slots per video with the generator's options
         self.slots = max(slots, self.per_video)
         self.state = SlotState(self.slots, max_new_tokens, cfg.pad_id)
-        self.cache: SlotCache | None = None  # allocated by the first videos (frame count)
-        self.frame_num = 0
-        self.logits = np.zeros((self.slots, cfg.vocab_size), np.float32)
+        self.decoder: SlotDecoder | None = None  # made for the first videos' frame count
         self.owner: list[tuple[_Video, int] | None] = [None] * self.slots  # (video, candidate)
         self.rngs: list[np.random.Generator | None] = [None] * self.slots
         self.kind = np.zeros(self.slots, np.int8)  # each slot's caption: PLAIN, ONE_BY_ONE or BEAM
@@ -143,16 +134,14 @@ class CaptionGenerator:
             raise ValueError(f"{len(videos)} videos need {counts.sum()} slots, {len(free)} are free "
                              f"(of {self.slots})")
         pixels = np.stack([v[1] for v in videos])  # (k, F, 3, S, S)
-        if self.cache is None:
-            self._allocate(pixels.shape[1])
-        if pixels.shape[1] != self.frame_num:
-            raise ValueError(f"videos have {pixels.shape[1]} frames, the first ones had {self.frame_num}")
-        logits, kv = self._prefill(encode_videos(self.backend, pixels))  # (k, V), [(k, nh, F, hs)]
-        rows = free[:counts.sum()]
+        if self.decoder is None:
+            self.decoder = make_slot_decoder(self.backend, self.slots, pixels.shape[1], self.state.max_new)
+        elif pixels.shape[1] != self.decoder.frame_num:
+            raise ValueError(f"videos have {pixels.shape[1]} frames, the first ones had {self.decoder.frame_num}")
+        rows = free[:counts.sum()]  # the lowest free slots: live rows stay packed at the front
         source = np.repeat(np.arange(len(videos)), counts)  # a video's rows share its prefix
-        self.cache.write_rows(rows, source, kv)
-        self.state.begin(rows, self.cache.length - self.frame_num)
-        self.logits[rows] = logits[source]
+        self.decoder.prefill(rows, encode_videos(self.backend, pixels), source)
+        self.state.begin(rows)
         for v, o, own in zip(videos, opts, np.split(rows, np.cumsum(counts)[:-1])):
             self._start(v[0], o, own, explicit=len(v) > 2)
 
@@ -177,21 +166,6 @@ class CaptionGenerator:
             self._step()
         return finished
 
-    def _allocate(self, frame_num: int) -> None:
-        cfg = self.backend.config
-        span = frame_num + self.state.max_new
-        self.frame_num = frame_num
-        self.cache = SlotCache(2 * cfg.n_layer, self.slots, cfg.n_head, cfg.head_dim,
-                               span + cache_slack(span), length=frame_num)
-
-    def _prefill(self, prefix: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        k, F, _ = prefix.shape
-        cfg = self.backend.config
-        empty = np.zeros((k, cfg.n_head, 0, cfg.head_dim), np.float32)
-        kv = [np.empty((k, cfg.n_head, F, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
-        logits = self.backend.decoder_step(DecoderInputs.prefix_step(prefix), [empty] * len(kv), kv)
-        return logits, kv
-
     def _stream(self, opts: SearchOptions, video: int, candidate: int,
                 explicit: bool) -> np.random.Generator | None:
         if not opts.do_sample:
@@ -204,14 +178,15 @@ class CaptionGenerator:
         """Next token of each row of a greedy or sampled caption."""
         plain = self.kind[rows] == PLAIN
         chosen = np.empty(len(rows), np.int64)
-        chosen[plain] = self.logits[rows[plain]].argmax(axis=-1)  # greedy rows: one batched argmax
+        if plain.any():
+            chosen[plain] = self.decoder.argmax(rows[plain])  # greedy rows: only their ids reach the host
         # Every other row by itself, from its own stream: the samples then do not depend on which
         # slot or batch a caption ran in.
         for i in np.flatnonzero(~plain):
             r = rows[i]
             opts = self.owner[r][0].opts
-            logits = adjust_logits(self.logits[r:r + 1], self.state.tokens[r:r + 1], self.state.n_tokens[r:r + 1],
-                                   opts)
+            logits = adjust_logits(self.decoder.logits(rows[i:i + 1]), self.state.tokens[r:r + 1],
+                                   self.state.n_tokens[r:r + 1], opts)
             chosen[i] = select_tokens(logits, opts, self.rngs[r])[0]
         return chosen
 
@@ -243,7 +218,8 @@ class CaptionGenerator:
         finished, dst, src, going, tokens = [], [], [], [], []
         for videos in groups.values():
             own = np.stack([v.rows for v in videos])  # (n, K)
-            parents, chosen = step_beams([v.beams for v in videos], self.logits[own])  # (n, K) each
+            parents, chosen = step_beams([v.beams for v in videos],
+                                         self.decoder.logits(own.ravel()).reshape(*own.shape, -1))  # (n, K) each
             done = np.array([v.beams.done for v in videos])
             for video in (v for v, d in zip(videos, done) if d):
                 self.state.live[video.rows] = False
@@ -257,22 +233,24 @@ class CaptionGenerator:
             tokens.append(chosen.ravel())
         dst, src = np.concatenate(dst), np.concatenate(src)
         if len(dst):
-            # Columns before a video's start are masked for its rows: copying them is harmless.
-            self.cache.copy_rows(dst, src, first_column=int(self.state.start[dst].min()))
+            self.decoder.copy_rows(dst, src)
             self.state.copy_rows(dst, src)
         # Beams never end here: [PAD] and the length limit end the search instead.
         self.state.record(np.concatenate(going), np.concatenate(tokens))
         return finished
 
     def _step(self) -> None:
-        """One token for every slot."""
-        if self.cache.length + 1 > self.cache.capacity:
-            first = self.state.first_live_column()
-            self.cache.compact(first)
-            self.state.drop_columns(first)
-        inputs = self.state.step_inputs(self.cache.length, self.backend.config.n_embd)
-        self.logits = self.backend.decoder_step(inputs, self.cache.past(), self.cache.next_present())
-        self.cache.advance()
+        """One token for every live caption."""
+        self.decoder.step(self.state.last_tokens(), self.state.live)
+
+
+def make_slot_decoder(backend: Backend, slots: int, frame_num: int, max_new_tokens: int) -> SlotDecoder:
+    """The backend's own slot decoder (a GPU backend keeps its cache on the device), else the
+    host-memory cache over its decoder step."""
+    make = getattr(backend, "slot_decoder", None)
+    if make is not None:
+        return make(slots, frame_num, max_new_tokens)
+    return HostSlotDecoder(backend, slots, frame_num, max_new_tokens)
 
 
 def stream_captions(backend: Backend, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions,

@@ -34,10 +34,11 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
-                 threads: int | None = None, verify: bool = False) -> Backend:
+                 threads: int | None = None, verify: bool = False, precision: str | None = None) -> Backend:
     """The backend `backend` over `path`; with ``auto``, the first backend that accepts it (an
     export directory runs on ONNX Runtime, a training checkpoint on PyTorch). `verify` checks the
-    SHA-256 of every file an export's manifest lists (sizes are always checked)."""
+    SHA-256 of every file an export's manifest lists (sizes are always checked). `precision`: the
+    compute precision a backend that chooses one at load time should use (None: its default)."""
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path} is not a directory (expected an export or a checkpoint)")
@@ -45,7 +46,7 @@ def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
         cls = backend_class(backend)
         if not cls.accepts(path):
             raise ArtifactError(f"--backend {backend} loads {cls.loads}; {path} is not one")
-        return cls(path, device=device, threads=threads, verify=verify)
+        return cls(path, device=device, threads=threads, verify=verify, precision=precision)
     tried, missing = [], []
     for name in backend_names():
         try:
@@ -54,6 +55,6 @@ def load_backend(path: str | Path, backend: str = "auto", device: str = "cpu",
             missing.append(str(err))  # a backend that cannot load here cannot claim the directory
             continue
         if cls.accepts(path):
-            return cls(path, device=device, threads=threads, verify=verify)
+            return cls(path, device=device, threads=threads, verify=verify, precision=precision)
         tried.append(cls.loads)
     raise ArtifactError(f"{path} is none of: {'; '.join(tried)}" + "".join(f" ({m})" for m in missing))

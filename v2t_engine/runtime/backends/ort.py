@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from ...concurrency import available_cores
 from ...errors import ArtifactError, ConfigError
+from ...inputs.preprocess import normalize
 from ...tokenizer import CaptionTokenizer
 from ..contract import (LOGITS, DecoderInputs, GraphContract, decoder_contract, encoder_contract, past_names,
                         present_names)
@@ -64,9 +65,13 @@ class OrtBackend:
     loads = "an export directory (manifest.json; made by `v2t export`)"
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None,
-                 verify: bool = False):
+                 verify: bool = False, precision: str | None = None):
         self.export_dir = Path(export_dir)
         self.manifest = Manifest.load(self.export_dir, verify=verify)
+        if precision not in (None, self.manifest.precision):
+            raise ConfigError(f"{self.export_dir} was exported with --precision {self.manifest.precision}, not "
+                              f"{precision}: an export's precision is fixed, so export the checkpoint again with "
+                              f"`v2t export --precision {precision}`")
         self.config = cfg = self.manifest.config
         self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / self.manifest.tokenizer_file)
         opts, providers = session_options(threads), providers_for(device)
@@ -90,6 +95,8 @@ class OrtBackend:
         return is_export_dir(path)
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        if frames.dtype == np.uint8:
+            frames = normalize(frames)
         feed = {self._encoder_input: frames.astype(np.float32, copy=False)}
         return self.encoder.run(None, feed, self._encoder_run)[0]
 
