@@ -18,14 +18,20 @@ from v2t_export.quantize import PRECISIONS
 @easynlp_option("format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
 @easynlp_option("precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                 help="fp32; int8_encoder (frame encoder in int8, ONNX Runtime dynamic quantization: "
-                     "several times faster on CPUs with int8 dot products) or int8 (both graphs), "
-                     "with greedy agreement checked and recorded. bf16 is refused: ONNX Runtime's "
-                     "CPU provider has no bf16 kernels.")
+                     "several times faster on CPUs with int8 dot products) or int8 (both graphs); "
+                     "fp16 or bf16 for GPUs (LayerNorm, softmax and the logits stay fp32). Greedy "
+                     "agreement is checked and recorded; ONNX Runtime's CPU provider has no bf16 "
+                     "kernels, so a bf16 export made with --device cpu records its validation as "
+                     "pending.")
 @easynlp_option("min_agreement", type=click.FloatRange(0.0, 1.0), default=None,
-                help="Least share of greedy tokens the int8 graphs must give as PyTorch does in "
-                     "validation (default 0.9). Validation decodes random frames, where a model's "
-                     "near-tied tokens flip under quantization more often than on real videos.")
-def export_command(checkpoint_dir, output, fmt, precision, min_agreement):
+                help="Least share of greedy tokens the int8, fp16 or bf16 graphs must give as "
+                     "PyTorch does in validation (default 0.9). Validation decodes random frames, "
+                     "where a model's near-tied tokens flip under quantization or rounding more "
+                     "often than on real videos.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where validation runs the exported graphs with ONNX Runtime (cuda needs "
+                   "onnxruntime-gpu).")
+def export_command(checkpoint_dir, output, fmt, precision, min_agreement, device):
     """Export a training checkpoint to a frame-encoder graph and an incremental decoder graph with
     a KV cache, validated against PyTorch (tensor differences and greedy tokens).
 
@@ -33,6 +39,7 @@ def export_command(checkpoint_dir, output, fmt, precision, min_agreement):
     Example:
       v2t export --checkpoint_dir ck --format onnx --output ck_onnx
       v2t export --checkpoint_dir ck --output ck_int8 --precision int8_encoder
+      v2t export --checkpoint_dir ck --output ck_bf16 --precision bf16 --device cuda
     """
-    manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement)
+    manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement, device)
     click.echo(f"exported to {output}; validation: {json.dumps(manifest.validation)}")

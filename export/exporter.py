@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from v2t_engine.errors import ConfigError
+from v2t_engine.runtime.backends.ort import providers_for
 from v2t_engine.runtime.manifest import TOKENIZER_FILE, Manifest
 from v2t_training.checkpoint import load_model
 
@@ -20,13 +21,17 @@ FORMATS = ("onnx", "trt")
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str = "onnx",
-                      precision: str = "fp32", min_agreement: float | None = None) -> Manifest:
+                      precision: str = "fp32", min_agreement: float | None = None,
+                      device: str = "cpu") -> Manifest:
+    """`device`: where validation runs the graphs with ONNX Runtime. Where that cannot run
+    `precision` (bf16 on the CPU), the export is written with its validation recorded as pending."""
     if fmt == "trt":
         _require_tensorrt()
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_precision(precision)
     check_min_agreement(precision, min_agreement)  # before minutes of export, not after
+    providers_for(device)  # --device cuda without onnxruntime-gpu: said now, not after the export
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     if output.resolve() == checkpoint_dir.resolve():
         raise ConfigError("--output must differ from --checkpoint_dir")
@@ -42,7 +47,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
     manifest = Manifest(config=model.cfg, opset=OPSET, precision=precision,
                         tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir)).with_file_digests(tmp)
     manifest.save(tmp)  # validation loads the directory as the runtime will
-    report = validate_export(model, tmp, precision, min_agreement=min_agreement)
+    report = validate_export(model, tmp, precision, min_agreement=min_agreement, device=device)
     manifest = dataclasses.replace(manifest, validation=report)
     manifest.save(tmp)
     if output.exists():

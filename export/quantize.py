@@ -16,9 +16,10 @@ int8 kernels multiply uint8 activations by int8 weights in 16-bit lanes that sat
 weights, enough to fail validation (README gives the measurement). An export may be built on one
 CPU and run on another, so every int8 export takes the range that is exact on both.
 
-bf16: ONNX Runtime's CPU provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add, Softmax
-are all missing in 1.32; microsoft/onnxruntime#20630), so a bf16 graph would not even load on the
-CPU. It is refused with a message pointing to int8.
+fp16 and bf16 (both graphs): half.py's rewrite, LayerNorm, Softmax, the head and the graph I/O
+kept in fp32. ONNX Runtime's CPU provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add,
+Softmax are all missing in 1.32; microsoft/onnxruntime#20630), so a bf16 export is for GPUs
+(TensorRT, ONNX Runtime's CUDA provider); made on a CPU, its validation is recorded as pending.
 """
 from __future__ import annotations
 
@@ -30,21 +31,18 @@ from pathlib import Path
 
 from v2t_engine.errors import ConfigError
 
+from v2t_export.half import HALF_TYPES, to_half_graph
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8", "int8_encoder", "bf16")
+PRECISIONS = ("fp32", "int8", "int8_encoder", "fp16", "bf16")
 # Which graphs each precision quantizes to int8.
-INT8_GRAPHS = {"fp32": (), "int8": ("frame_encoder", "decoder"), "int8_encoder": ("frame_encoder",)}
+INT8_GRAPHS = {"fp32": (), "int8": ("frame_encoder", "decoder"), "int8_encoder": ("frame_encoder",),
+               "fp16": (), "bf16": ()}
 
 
 def check_precision(precision: str) -> None:
     """Raise ConfigError for a precision this export cannot produce, before any work is done."""
-    if precision == "bf16":
-        raise ConfigError(
-            "--precision bf16: ONNX Runtime's CPU provider has no bfloat16 kernels for MatMul, "
-            "Gemm, Add or Softmax (onnxruntime 1.32; microsoft/onnxruntime#20630), so a bf16 "
-            "graph cannot run on the CPU. Use --precision int8_encoder or int8 (dynamic "
-            "quantization, int8 dot products) for CPU speed, or fp32.")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
@@ -53,7 +51,9 @@ def quantize_graphs(encoder: Path, decoder: Path, precision: str) -> None:
     """Rewrite the fp32 graph files that `precision` quantizes, in place."""
     check_precision(precision)
     for name, path in (("frame_encoder", encoder), ("decoder", decoder)):
-        if name in INT8_GRAPHS[precision]:
+        if precision in HALF_TYPES:
+            to_half_graph(path, precision)
+        elif name in INT8_GRAPHS[precision]:
             quantize_int8(path)
 
 

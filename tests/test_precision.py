@@ -1,5 +1,5 @@
 """`v2t export --precision`: int8 graphs are validated against PyTorch with their agreement
-recorded, keep the captions of the synthetic test clips, and bf16 is refused with the reason."""
+recorded and keep the captions of the synthetic test clips."""
 import json
 
 import numpy as np
@@ -68,15 +68,6 @@ def test_int8_quantizes_both_graphs_and_reports_agreement(trained_checkpoint, tm
     assert v["min_greedy_agreement"] == 0.95  # the user's threshold replaced the default 0.9
     assert v["greedy_token_agreement"] >= v["min_greedy_agreement"]
     assert v["decoder_logits_max_abs_diff"] < v["relative_tolerance"] * 10  # relative to max(1, |logit|)
-
-
-def test_bf16_is_refused_with_the_reason(tmp_path):
-    # Refused before the checkpoint is read: no checkpoint needed.
-    result = CliRunner().invoke(main, ["export", "--checkpoint_dir", str(tmp_path / "ck"), "--output",
-                                       str(tmp_path / "bf16"), "--precision", "bf16"])
-    assert result.exit_code == 1
-    assert "bfloat16" in result.output and "int8" in result.output
-    assert not (tmp_path / "bf16").exists()
 
 
 def test_fp32_agreement_cannot_be_lowered(tmp_path):

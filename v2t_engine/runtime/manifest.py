@@ -37,6 +37,12 @@ class Manifest:
     # request (`verify_files`; hashing a full-size graph takes seconds).
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    @property
+    def validated(self) -> bool:
+        """Whether `v2t export` ran this export against PyTorch; when not, `validation["reason"]`
+        says why and where to run it (`pending_validation`)."""
+        return bool(self.validation) and self.validation.get("validated", True)
+
     def with_file_digests(self, directory: str | Path) -> "Manifest":
         """This manifest with the sizes and SHA-256 of its graphs (and their weight side files)
         and tokenizer in `directory`."""
@@ -132,6 +138,13 @@ class Manifest:
                 raise ArtifactError(f"{directory / name} is missing (listed in {path})")
         manifest.check_files(directory, verify)
         return manifest
+
+
+def pending_validation(precision: str, reason: str) -> dict[str, Any]:
+    """The validation record of an export that could not be run where it was made (a bf16 export
+    on a machine whose ONNX Runtime has no bf16 kernels): the reason, and no figure that was not
+    measured; a validated record has "validated": true and its figures."""
+    return {"precision": precision, "validated": False, "greedy_token_agreement": None, "reason": reason}
 
 
 def _sha256(path: Path) -> str:

@@ -43,6 +43,15 @@ def providers_for(device: str) -> list[str]:
     raise ConfigError(f"unknown device {device!r}; use cpu or cuda")
 
 
+def unsupported_precision(precision: str, device: str) -> str | None:
+    """Why ONNX Runtime on `device` cannot run an export of `precision` (None when it can): said
+    before the graphs load, instead of ORT's NOT_IMPLEMENTED for some node deep inside."""
+    if precision == "bf16" and device == "cpu":
+        return ("ONNX Runtime's CPU provider has no bfloat16 kernels (Add, MatMul, ...; "
+                "microsoft/onnxruntime#20630), so a bf16 export runs only with --device cuda")
+    return None
+
+
 def open_session(path: Path, contract: GraphContract, opts: ort.SessionOptions,
                  providers: list[str]) -> ort.InferenceSession:
     """An InferenceSession whose inputs and outputs are checked against the contract: a graph
@@ -74,6 +83,8 @@ class OrtBackend:
                               f"`v2t export --precision {precision}`")
         self.config = cfg = self.manifest.config
         self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / self.manifest.tokenizer_file)
+        if reason := unsupported_precision(self.manifest.precision, device):
+            raise ConfigError(f"{self.export_dir} is a {self.manifest.precision} export: {reason}")
         opts, providers = session_options(threads), providers_for(device)
         self.encoder = open_session(self.export_dir / self.manifest.encoder_file, encoder_contract(cfg),
                                     opts, providers)
