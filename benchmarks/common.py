@@ -132,9 +132,10 @@ def recompute_greedy(model: VideoCaptioner, prefix: torch.Tensor, steps: int) ->
     """EasyNLP's predict loop (EASYNLP.md §7) with greedy choice instead of top-k sampling: every
     step runs the whole sequence [frames, tokens so far] through the decoder without a cache and
     computes logits for every position, as minGPT does, then keeps the last. prefix (B, F, E) →
-    tokens (B, steps)."""
+    tokens (B, steps), on the prefix's device (the model must be there too)."""
     B = prefix.shape[0]
-    tokens = torch.zeros(B, 0, dtype=torch.long)
+    # The tokens follow the prefix, so the same loop is the seed's baseline on CPU and on a GPU.
+    tokens = torch.zeros(B, 0, dtype=torch.long, device=prefix.device)
     for _ in range(steps):
         logits, _ = model.transformer(tokens, prefix_embeds=prefix)  # (B, F+t, V)
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
