@@ -117,8 +117,9 @@ class HostSlotDecoder:
         self.cache.advance()
 
     def copy_rows(self, rows: np.ndarray, source_rows: np.ndarray) -> None:
-        # Columns before a video's start are masked for its rows: copying them is harmless.
-        self.cache.copy_rows(rows, source_rows, first_column=int(self.start[rows].min()))
+        # Every column a source row reads is copied (from the earliest source start); the
+        # columns before it are masked for the rows that take them, so copying those is harmless.
+        self.cache.copy_rows(rows, source_rows, first_column=int(self.start[source_rows].min()))
         self.start[rows] = self.start[source_rows]
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
