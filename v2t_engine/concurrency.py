@@ -1,15 +1,20 @@
 """Work done ahead of its consumer, in input order, and the cores there are to do it with.
 
-Frames are decoded in threads (predict, training's cached datasets) and videos in processes
-(make-table, predict --videos); every one of those readers streams inputs of any length, so each
-keeps a bounded window of work in flight and hands results back in input order.
+Frames are decoded in threads (training's cached datasets, predict on few cores) or in processes
+(predict on many cores: `worker_pool`), and videos in processes (make-table, predict --videos);
+every one of those readers streams inputs of any length, so each keeps a bounded window of work
+in flight and hands results back in input order.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -50,3 +55,49 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+# How often a worker process checks that the process that started it is still alive.
+PARENT_POLL_S = 1.0
+
+
+def worker_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """A pool of `workers` processes for work submitted by a job that handles its own SIGINT and
+    SIGTERM (predict drains: it finishes the rows in flight, which needs its workers).
+
+    The workers start clean (forkserver, preloading the modules named in `preload`, else spawn),
+    never as a fork of a parent that already runs ONNX Runtime threads: forking threads can
+    deadlock. So what they run must be picklable: top-level functions, or objects of top-level
+    classes. They ignore SIGINT and SIGTERM (`ignore_stop_signals`): a Ctrl-C reaches every
+    process of the terminal's process group, and a worker it killed would turn the parent's clean
+    stop into a broken pool. Since they ignore those signals, they leave by themselves once the
+    parent is gone (killed with SIGKILL, say), instead of waiting forever for work."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        if preload:
+            ctx.set_forkserver_preload(list(preload))  # no effect once the server runs: only a speed-up
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_stop_signals, initargs=(os.getpid(),))
+
+
+def ignore_stop_signals(parent: int | None = None) -> None:
+    """Initializer of worker processes: SIGINT and SIGTERM ignored (the parent decides when the
+    work stops), and, given the parent's pid, an exit once that process is gone."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if parent is not None:
+        threading.Thread(target=_exit_after, args=(parent,), name="v2t-parent-watch", daemon=True).start()
+
+
+def _exit_after(parent: int) -> None:
+    # Not getppid(): a forkserver's workers are the server's children, and the server outlives
+    # the job's process.
+    while True:
+        time.sleep(PARENT_POLL_S)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:
+            pass  # it exists (a pid reused by another user's process would keep us: harmless)

@@ -32,11 +32,10 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, RowError, import_optional
-from .inputs.preprocess import normalize
 from .inputs.tables import DEFAULT_MAX_ROW_BYTES, InputSchema, TableRow
 from .inputs.writer import TableOutput
 from .inputs.table_ranges import PlacedRow, read_tables, shard_bounds
-from .jobs.predict import (PredictOptions, PredictReport, StoppedAtBadRow, _decoder, _output_fields,
+from .jobs.predict import (FrameDecoder, PredictOptions, PredictReport, StoppedAtBadRow, _output_fields,
                            row_search)
 from .runtime.captioner import Captioner
 from .runtime.manifest import Manifest, is_export_dir
@@ -133,10 +132,10 @@ def _kept_columns(opts: PredictOptions) -> list[str]:
 
 def decode_frames(batch: pa.Table, opts: PredictOptions, cfg: ModelConfig) -> pa.Table:
     """map_batches stage for CPU tasks (pyarrow batches): the frames column → PIXELS, uint8
-    (F, 3, S, S) as bytes, with local predict's decoder (`jobs.predict._decoder`); a row whose
+    (F, 3, S, S) as bytes, with local predict's decoder (`jobs.predict.FrameDecoder`); a row whose
     frames are bad gets its reason in ERROR. The frames column is dropped unless the output
     asks for it."""
-    decode = _decoder(opts, cfg)
+    decode = FrameDecoder.for_job(opts, cfg)
     decoded = [decode(_item(row)) for row in batch.to_pylist()]
     columns = {c: batch.column(c) for c in (KEY, LINE, IDX, *_kept_columns(opts))}
     columns[ERROR] = pa.array([d.error.reason if d.error is not None else None for d in decoded], pa.string())
@@ -162,9 +161,10 @@ class CaptionActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, pixels = batch.column(KEY).to_pylist(), batch.column(PIXELS).to_pylist()
         search = self.opts.search
-        # (row in batch, pixels, the row's search): seeded sampling keyed by the line's global
-        # number, as local predict keys it, so the batch a row lands in changes nothing.
-        videos = ((i, normalize(np.frombuffer(p, np.uint8).reshape(self.shape)), row_search(search, keys[i]))
+        # (row in batch, uint8 crops, the row's search; the backend normalizes): seeded sampling
+        # keyed by the line's global number, as local predict keys it, so the batch a row lands in
+        # changes nothing.
+        videos = ((i, np.frombuffer(p, np.uint8).reshape(self.shape), row_search(search, keys[i]))
                   for i, p in enumerate(pixels) if p is not None)
         captions: list[list[str] | None] = [None] * len(pixels)
         for i, candidates in self.captioner.caption_stream(videos, search, self.opts.text_len,

@@ -76,8 +76,11 @@ resume_options = compose(
 @easynlp_option("on_error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
                 help="skip: report bad rows in OUTPUTS.errors.tsv and go on; fail: stop at the first.")
 @easynlp_option("workers", type=click.IntRange(min=1), default=2, show_default=True,
-                help="Threads decoding frames ahead of the model (and, with --videos, processes "
-                     "decoding videos).")
+                help="Threads decoding frames ahead of the model when --decode_processes is 0 (and, "
+                     "with --videos, processes decoding videos).")
+@easynlp_option("decode_processes", type=click.IntRange(min=0), default=None,
+                help="Processes decoding frames ahead of the model (0: --workers threads instead). "
+                     "Default: one per core but one where there are more than 2 cores, else 0.")
 @video_options("With --videos: frames per video (default: frame_num).")
 @resume_options
 @app_name_option

@@ -1,27 +1,30 @@
-"""`v2t predict` over tables or videos: stream rows, decode frames in a thread pool ahead of the
-model, caption with continuous batching, write ``idx \\t gen_text`` rows in input order, and
-report bad rows without stopping. gen_text is a JSON array of the captions, or (output_format
-"easynlp") exactly what EasyNLP's predictor writes."""
+"""`v2t predict` over tables or videos: stream rows, decode frames ahead of the model (in worker
+processes, or threads), caption with continuous batching, write ``idx \\t gen_text`` rows in
+input order, and report bad rows without stopping. gen_text is a JSON array of the captions, or
+(output_format "easynlp") exactly what EasyNLP's predictor writes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..concurrency import map_ahead
+from .. import concurrency
+from ..concurrency import available_cores, worker_pool
 from ..errors import ConfigError, RowError, V2TError
 from ..inputs.frames import FrameSource, row_frames_or_error
-from ..inputs.preprocess import normalize
 from ..inputs.table_ranges import PlacedRow, TablePosition, read_tables, shard_bounds
 from ..inputs.tables import DEFAULT_MAX_ROW_BYTES, FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines
 from ..inputs.writer import TableOutput, TableReport
@@ -31,6 +34,7 @@ from ..runtime.search import SearchOptions
 from .journal import JobRecord, Progress, job_identity, record_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GEN_TEXT = "gen_text"
 # json: a JSON array, v2t's caption text; easynlp: EasyNLP's str() of the list, EasyNLP's text.
@@ -57,7 +61,9 @@ class PredictOptions:
     search: SearchOptions = field(default_factory=SearchOptions)
     on_error: str = "skip"  # skip: report and go on; fail: stop at the first bad row
     frame_source: FrameSource = field(default_factory=FrameSource)
-    workers: int = 2
+    workers: int = 2  # threads decoding frames, when decode_processes is 0
+    # Processes decoding frames: 0 decodes in `workers` threads; None: see decode_processes().
+    decode_processes: int | None = None
     output_format: str = "json"  # one of OUTPUT_FORMATS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer table lines are row errors, never read whole
     shard: tuple[int, int] | None = None  # (I, N): the I-th of N parts of the tables (table_ranges.py)
@@ -71,6 +77,8 @@ class PredictOptions:
                               f"got {self.output_format!r}")
         if self.micro_batch_size < 1 or self.workers < 1:
             raise ConfigError("micro_batch_size and workers must be at least 1")
+        if self.decode_processes is not None and self.decode_processes < 0:
+            raise ConfigError(f"decode_processes must be >= 0, got {self.decode_processes}")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise ConfigError(f"shard {self.shard[0]}/{self.shard[1]}: want I/N with 0 <= I < N")
         if self.sync_interval < 0:
@@ -102,7 +110,7 @@ class PredictOptions:
         """The options that decide what the output holds (the job record compares them): all
         but where the job reads and writes, and how fast it goes."""
         fields = dataclasses.asdict(self)
-        for name in ("tables", "outputs", "micro_batch_size", "workers", "sync_interval"):
+        for name in ("tables", "outputs", "micro_batch_size", "workers", "decode_processes", "sync_interval"):
             del fields[name]
         fields["input_schema"] = str(self.input_schema)
         return fields
@@ -124,22 +132,43 @@ class PredictReport(TableReport):
     rows_padded: int = 0
     syncs: int = 0  # job records saved (each after an fsync of the outputs)
     sync_seconds: float = 0.0  # time those fsyncs and saves took
+    wall_s: float = 0.0  # the job's wall time (this run of it), 0 where not measured
+    # Of that, the time the model waited for the next decoded row: what faster input would save.
+    input_wait_s: float = 0.0
 
     def summary(self) -> str:
-        return f"captioned {self.written} rows into {self.outputs}"
+        done = f"captioned {self.written} rows into {self.outputs}"
+        if not self.wall_s:
+            return done
+        return f"{done} in {self.wall_s:.1f} s (input wait {self.input_wait_s / self.wall_s:.1%} of wall time)"
 
 
 class StoppedAtBadRow(V2TError):
     """--on_error fail met a bad row: the job stopped and wrote nothing."""
 
 
+class DecodeWorkerDied(V2TError):
+    """A frame-decoding process died (killed for memory, or a crash in an image library)."""
+
+
 @dataclass
 class _Decoded:
-    row: TableRow
+    """A row's frames, decoded: what a decode worker sends back (the row stays with the caller)."""
     pixels: np.ndarray | None = None  # uint8 (F, 3, S, S)
     padded: int = 0
     error: RowError | None = None
-    placed: PlacedRow | None = None
+    placed: PlacedRow | None = None  # set by the caller
+
+    def __reduce__(self):
+        # RowError takes (line_no, idx, reason) but pickles, as exceptions do, as its message
+        # alone, which it cannot be rebuilt from: a worker process sends the three fields.
+        err = self.error
+        fields = None if err is None else (err.line_no, err.idx, err.reason)
+        return _unpickle_decoded, (self.pixels, self.padded, fields, self.placed)
+
+
+def _unpickle_decoded(pixels, padded, error, placed) -> _Decoded:
+    return _Decoded(pixels, padded, None if error is None else RowError(*error), placed)
 
 
 class _InOrder:
@@ -222,6 +251,7 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     the model in `model_dir` or an option changed). Without `resume`, an interrupted job's
     partial output is replaced only with `overwrite`. SIGINT and SIGTERM finish the captions in
     flight, save the record and raise `Interrupted`."""
+    began = time.monotonic()
     cfg = captioner.config
     opts.check_model(cfg)
     captioner.max_new_tokens(opts.text_len)  # a text_len the model cannot take fails before any work
@@ -231,7 +261,7 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     plan = _plan(opts, rows, model_dir, resume)
     report = PredictReport(outputs=opts.outputs, written=plan.written, failed=plan.failed)
     existing = "resume" if resume else "replace" if overwrite else "refuse"
-    with TableOutput(report, existing, plan.resume_at) as out, ThreadPoolExecutor(opts.workers) as pool, \
+    with TableOutput(report, existing, plan.resume_at) as out, _decode_pool(opts) as (pool, workers), \
             _StopRequest() as stop:
         in_order = _InOrder(out, opts, progress, plan.journal)
         in_order.frontier = plan.start
@@ -239,7 +269,8 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
             plan.journal.save(out, plan.start)  # from now on, --resume finds the job
         # Enough rows decoded ahead for a whole refill of the slots, so the model does not wait
         # on JPEG decoding.
-        decoded = map_ahead(pool, _placed_decoder(opts, cfg), plan.source, opts.micro_batch_size + 2 * opts.workers)
+        decoded = _decoded_rows(pool, FrameDecoder.for_job(opts, cfg), plan.source,
+                                opts.micro_batch_size + 2 * workers)
         videos = _videos(decoded, opts, in_order, report, stop)
         try:
             for seq, captions in captioner.caption_stream(videos, opts.search, opts.text_len,
@@ -252,6 +283,8 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
             where = ", ".join(opts.tables) or "the videos"
             raise StoppedAtBadRow(f"bad row in {where}, {err}; no output written "
                                   "(use --on_error skip to leave bad rows out)") from None
+        except BrokenProcessPool:
+            _decode_worker_died(plan, in_order, out)
         if stop.signal is not None:
             _interrupted(plan, in_order, out, stop.signal)
         if plan.journal is not None:
@@ -259,10 +292,20 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
         out.commit()
         if plan.journal is not None and opts.shard is None:
             record_path(opts.outputs).unlink(missing_ok=True)  # a finished output needs no record
+    report.wall_s = time.monotonic() - began
     if report.rows_padded:
         log.warning("%d rows had fewer than frame_num=%d frames and were padded by repeating their "
                     "last frame", report.rows_padded, opts.frame_num or cfg.frame_num)
     return report
+
+
+def _decode_worker_died(plan: "_Plan", in_order: _InOrder, out: TableOutput) -> NoReturn:
+    kept = f"the {out.report.written} rows finished are in {out.report.outputs}.partial"
+    if plan.journal is not None:
+        plan.journal.save(out, in_order.frontier)
+        kept += "; run the same command with --resume to finish the job"
+    raise DecodeWorkerDied(f"a process decoding frames died (killed for memory, or a crash in an image "
+                           f"library): {kept} (--decode_processes 0 decodes in threads)") from None
 
 
 def _interrupted(plan: "_Plan", in_order: _InOrder, out: TableOutput, signum: int) -> None:
@@ -358,44 +401,115 @@ class _StopRequest:
         self._restore()
 
 
-def _decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[TableRow | RowError], _Decoded]:
-    frame_num = opts.frame_num or cfg.frame_num
+# What a decode worker imports, loaded once into the forkserver instead of in every worker.
+_WORKER_PRELOAD = ("numpy", "PIL.Image", __name__)
 
-    def decode(item: TableRow | RowError) -> _Decoded:
+
+def decode_processes(opts: PredictOptions) -> int:
+    """How many processes decode frames (0: `opts.workers` threads do): opts.decode_processes,
+    else, where there are more than 2 cores, one per core but one (left to the thread that drives
+    the model), else 0.
+
+    Decoding a frame holds the GIL for at least a fifth of its time (base64, PIL's header parsing,
+    the array copy out of PIL; JPEG decoding and resizing release it), so threads cannot use more
+    than a few cores however many there are, and what they hold delays the thread that drives the
+    model; processes scale with the cores. On 2 cores processes measured no faster than threads (the
+    model runs on the same cores; README, "Benchmarks"), and a pool takes about 0.6 s to start.
+    Python callers of predict_tables on such machines need the `if __name__ == "__main__":` guard
+    that any multiprocessing needs: the workers import the caller's main module."""
+    if opts.decode_processes is not None:
+        return opts.decode_processes
+    cores = available_cores()
+    return cores - 1 if cores > 2 else 0
+
+
+@contextlib.contextmanager
+def _decode_pool(opts: PredictOptions) -> Iterator[tuple[Executor, int]]:
+    """The pool that decodes frames ahead of the model, and how many workers it has."""
+    processes = decode_processes(opts)
+    if processes:
+        log.info("decoding frames in %d processes", processes)
+    pool = worker_pool(processes, _WORKER_PRELOAD) if processes else ThreadPoolExecutor(opts.workers)
+    try:
+        yield pool, processes or opts.workers
+    finally:
+        # Rows queued but not started are not needed once the job ends, stopped or failed.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class FrameDecoder:
+    """A row's frames field → its uint8 crops (or its RowError), as predict decodes them. A
+    top-level class holding only options, so it pickles: worker processes run it as well as
+    threads."""
+    column: str
+    frame_num: int
+    img_size: int
+    source: FrameSource = field(default_factory=FrameSource)
+
+    @classmethod
+    def for_job(cls, opts: PredictOptions, cfg: ModelConfig) -> "FrameDecoder":
+        return cls(opts.first_sequence, opts.frame_num or cfg.frame_num, cfg.img_size, opts.frame_source)
+
+    def __call__(self, item: TableRow | RowError) -> _Decoded:
         if isinstance(item, RowError):
-            return _Decoded(row=TableRow(item.line_no, {}), error=item)
+            return _Decoded(error=item)
         try:
-            pixels, padded = row_frames_or_error(item, opts.first_sequence, frame_num, cfg.img_size,
-                                                 opts.frame_source)
-            return _Decoded(item, pixels, padded)
+            return _Decoded(*row_frames_or_error(item, self.column, self.frame_num, self.img_size, self.source))
         except RowError as err:
-            return _Decoded(item, error=err)
-    return decode
+            return _Decoded(error=err)
 
 
-def _placed_decoder(opts: PredictOptions, cfg: ModelConfig) -> Callable[[PlacedRow], _Decoded]:
-    """`_decoder` for rows that carry their place in the input."""
-    decode = _decoder(opts, cfg)
-    return lambda placed: dataclasses.replace(decode(placed.item), placed=placed)
+def _decoded_rows(pool: Executor, decode: FrameDecoder, source: Iterable[PlacedRow],
+                  window: int) -> Iterator[_Decoded]:
+    """The rows of `source` with their frames decoded in `pool`, at most `window` ahead of the
+    consumer, in input order. A worker is sent the row alone (not its place), and no line the
+    reader already found bad."""
+    def submit(placed: PlacedRow) -> Future:
+        if isinstance(placed.item, RowError):
+            done: Future = Future()
+            done.set_result(_Decoded(error=placed.item))
+            return done
+        return pool.submit(decode, placed.item)
+
+    for placed, decoded in concurrency.in_order(source, submit, lambda _placed, future: future.result(), window):
+        decoded.placed = placed
+        yield decoded
 
 
 def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrder,
             report: PredictReport, stop: _StopRequest) -> Iterator[tuple[int, np.ndarray, SearchOptions]]:
-    """(input number, normalized pixels, search) of the good rows; bad rows go to the error report (or,
-    with on_error fail, stop the job). Stops taking rows once a stop is requested."""
-    for seq, d in enumerate(decoded):
+    """(input number, uint8 crops (F, 3, S, S), search) of the good rows: the backend normalizes
+    them (a quarter of the bytes a float32 copy would be, to hold and to move to a GPU). Bad rows
+    go to the error report (or, with on_error fail, stop the job). Stops taking rows once a stop
+    is requested."""
+    for seq, d in enumerate(_waited_for(decoded, report)):
         if stop.signal is not None:
             return
         after = d.placed.next
         if d.error is None:
             report.rows_padded += d.padded > 0
-            in_order.expect(seq, _output_columns(d.row, opts), after)
-            yield seq, normalize(d.pixels), row_search(opts.search, d.placed.key)
+            in_order.expect(seq, _output_columns(d.placed.item, opts), after)
+            yield seq, d.pixels, row_search(opts.search, d.placed.key)
         elif opts.on_error == "fail":
             raise d.error
         else:
             log.error("skipping %s", d.error)
             in_order.skip(seq, d.error, after)
+
+
+def _waited_for(items: Iterator[T], report: PredictReport) -> Iterator[T]:
+    """`items`, adding to report.input_wait_s the time each took to arrive: reading the row, and
+    whatever of its decoding was not done ahead. The model waits that long for its input."""
+    while True:
+        began = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            report.input_wait_s += time.perf_counter() - began
+        yield item
 
 
 def row_search(search: SearchOptions, key: int) -> SearchOptions:

@@ -2,7 +2,7 @@
 
     from v2t_engine.serve import CaptionService
     with CaptionService.load("export_dir", slots=8, max_queue=64) as service:
-        pixels = service.decode_frames(base64_frames)      # as a table row's frames are decoded
+        pixels = service.decode_frames(base64_frames)      # uint8 crops, as a table row's frames
         captions = service.submit(pixels).result()         # from any thread
         captions = await service.caption(pixels)           # or from a coroutine
 
@@ -59,7 +59,7 @@ class ServiceStats:
 
 @dataclass(eq=False)  # hashed by identity: the engine keeps a set of running requests
 class _Request:
-    pixels: np.ndarray  # (F, 3, S, S) float32, CLIP-normalized
+    pixels: np.ndarray  # (F, 3, S, S): uint8 crops, or float32 CLIP-normalized
     opts: SearchOptions
     future: Future = field(default_factory=Future)
 
@@ -93,21 +93,25 @@ class CaptionService:
 
     # ------------------------------------------------------------------ caller side (any thread)
     def decode_frames(self, frames: Sequence[str], source: FrameSource = FrameSource()) -> np.ndarray:
-        """Base64 frames → CLIP-normalized pixels (frame_num, 3, S, S), decoded exactly as a
+        """Base64 frames → uint8 crops (frame_num, 3, S, S), decoded exactly as a
         table row's frames field is (the first frame_num frames; a shorter list repeats its last
         frame). FrameError names the frame and the reason."""
         field = json.dumps(list(frames))  # the frames field a table row would hold
         crops, _ = load_row_frames(field, self.config.frame_num, self.config.img_size, source)
-        return normalize(crops)
+        return crops
 
     def submit(self, pixels: np.ndarray, opts: SearchOptions | None = None) -> Future:
-        """Queue one video (pixels (frame_num, 3, S, S) CLIP-normalized); the future's result is
-        its list of opts.num_return captions. ServiceOverloaded when the queue is full,
+        """Queue one video: pixels (frame_num, 3, S, S), uint8 crops (`decode_frames`; the backend
+        normalizes them) or CLIP-normalized floats. The future's result is its list of
+        opts.num_return captions. ServiceOverloaded when the queue is full,
         ServiceClosed once `close` was called. Cancelling the future while it is queued
         withdraws the request."""
         opts = opts or SearchOptions()
         self._check(pixels, opts)
-        request = _Request(np.ascontiguousarray(pixels, dtype=np.float32), opts)
+        # uint8 stays uint8 (a quarter of the bytes, and the backend normalizes it); anything
+        # else is taken as normalized pixels.
+        dtype = np.uint8 if pixels.dtype == np.uint8 else np.float32
+        request = _Request(np.ascontiguousarray(pixels, dtype=dtype), opts)
         with self._cond:
             if self._closing:
                 raise ServiceClosed("the caption service is shutting down")
@@ -210,7 +214,7 @@ class CaptionService:
         gen = self._gen
         if batch:
             self._active.update(batch)
-            gen.add([(request, request.pixels, request.opts) for request in batch])
+            gen.add([(request, pixels, request.opts) for request, pixels in zip(batch, _one_form(batch))])
             self._stats.prefills += 1
         if gen.is_done():
             return
@@ -244,3 +248,11 @@ class CaptionService:
             request = self._queue.popleft()
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(err)
+
+
+def _one_form(batch: list[_Request]) -> list[np.ndarray]:
+    """The batch's pixels, all uint8 crops or all normalized floats: the generator stacks them into
+    one array, where a uint8 crop beside floats would become floats without being normalized."""
+    if len({request.pixels.dtype for request in batch}) == 1:
+        return [request.pixels for request in batch]
+    return [normalize(r.pixels) if r.pixels.dtype == np.uint8 else r.pixels for r in batch]
