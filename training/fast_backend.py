@@ -128,6 +128,7 @@ class FastTorchBackend(TorchBackend):
         dev = resolve_device(device)
         self.dtype = compute_dtype(dev, precision)  # both checked before minutes of loading
         super().__init__(checkpoint_dir, device=str(dev), threads=threads, verify=verify)
+        self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.dtype)
         # Steps are captured as CUDA graphs on CUDA; False runs them eagerly (tests compare both).
         self.cuda_graphs = dev.type == "cuda"
         # The reference decoder (self.model.transformer, fp32) stays as it is for decoder_step; the

@@ -30,6 +30,7 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        self.precision = "fp32"
         model, self.tokenizer = load_model(checkpoint_dir, map_location=self.device)
         self.model = model.eval()
         self.config = model.cfg

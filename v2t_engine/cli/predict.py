@@ -68,6 +68,9 @@ resume_options = compose(
 @click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto", show_default=True,
               help="auto: ONNX Runtime for an export directory, PyTorch for a training checkpoint.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Compute precision of the torch-fast backend (default: bf16 on cuda, fp32 on cpu). An "
+                   "export's precision is fixed when it is exported: given here, it must match.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--verify", is_flag=True,
               help="Check the SHA-256 of every export file against its manifest before running (sizes "
@@ -85,7 +88,8 @@ resume_options = compose(
 @resume_options
 @app_name_option
 @mode_option
-def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, backend, device, threads, verify,
+def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, backend, device, precision, threads,
+                    verify,
                     resume, overwrite, ray_address,
                     do_sample, top_k, top_p, temperature, seed, num_beams, length_penalty, early_stopping,
                     no_repeat_ngram_size, repetition_penalty, frame_opts, idx_style, app_name, mode, **fields):
@@ -129,7 +133,8 @@ def predict_command(tables, videos, checkpoint_dir, user_defined_parameters, bac
         require_av()  # before the model loads: say it at once
     if ray_address is not None:
         return _predict_on_ray(checkpoint_dir, opts, ray_address, backend, device, threads, verify, overwrite)
-    captioner = Captioner.load(checkpoint_dir, backend=backend, device=device, threads=threads, verify=verify)
+    captioner = Captioner.load(checkpoint_dir, backend=backend, device=device, threads=threads, verify=verify,
+                               precision=precision)
     whole = not resume and opts.shard is None
     total = (count_rows(opts.tables) if whole else None) if videos is None else count_inputs(videos)
     with tqdm(total=total, unit="row", desc="predict", dynamic_ncols=True, disable=None) as bar:

@@ -68,6 +68,9 @@ class PredictOptions:
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer table lines are row errors, never read whole
     shard: tuple[int, int] | None = None  # (I, N): the I-th of N parts of the tables (table_ranges.py)
     sync_interval: float = 10.0  # seconds between fsyncs of the outputs and saves of the job record
+    # The backend's compute precision: set by predict_tables from the backend it runs, so the job
+    # record holds it and --resume refuses to go on at another one (bf16 captions differ from fp32).
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.on_error not in ("skip", "fail"):
@@ -253,6 +256,7 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     flight, save the record and raise `Interrupted`."""
     began = time.monotonic()
     cfg = captioner.config
+    opts = dataclasses.replace(opts, precision=getattr(captioner.backend, "precision", None))
     opts.check_model(cfg)
     captioner.max_new_tokens(opts.text_len)  # a text_len the model cannot take fails before any work
     if opts.output_format == "easynlp":

@@ -28,6 +28,7 @@ class Backend(Protocol):
     loads: ClassVar[str]  # what `accepts`, for messages: "an export directory (manifest.json) ..."
     config: ModelConfig
     tokenizer: CaptionTokenizer
+    precision: str  # what it computes in: fp32, bf16, fp16 or an export's int8 variant
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, verify: bool = False,
                  precision: str | None = None):

@@ -82,6 +82,7 @@ class OrtBackend:
                               f"{precision}: an export's precision is fixed, so export the checkpoint again with "
                               f"`v2t export --precision {precision}`")
         self.config = cfg = self.manifest.config
+        self.precision = self.manifest.precision
         self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / self.manifest.tokenizer_file)
         if reason := unsupported_precision(self.manifest.precision, device):
             raise ConfigError(f"{self.export_dir} is a {self.manifest.precision} export: {reason}")
