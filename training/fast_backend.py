@@ -10,9 +10,11 @@ a static cache on the device and sends back only what a search asks for:
   at its own position in place and attends over all columns with the mask ``col <= pos[row]``.
   Shapes never change, so a step can be captured as a CUDA graph, once per batch bucket (rows up
   to the highest live slot, rounded up to a power of two), and replayed with one launch.
-- bf16 / fp16 on CUDA (``precision``): Linear and conv weights in the compute dtype under autocast,
-  which keeps LayerNorm and softmax in fp32; the residual stream, the KV cache's inputs aside,
-  stays fp32, and the logits come out of the output head in fp32.
+- bf16 / fp16 on CUDA (``precision``): the decoder's Linear weights in the compute dtype under
+  autocast, which keeps LayerNorm and softmax in fp32; its residual stream stays fp32, and the
+  logits come out of the output head in fp32. The ViT runs wholly in the compute dtype (its
+  LayerNorm kernel and attention accumulate in fp32): it is most of the work, and memory-bound
+  between its matmuls.
 - ``encode_frames`` takes uint8 crops and normalizes on the device with the very table
   ``preprocess.normalize`` uses, so a quarter of the bytes cross the bus and the encoder sees
   bit-identical pixels.
@@ -78,15 +80,6 @@ def bucket(active: int, slots: int) -> int:
     return min(size, slots)
 
 
-def cast_except_layer_norm(module: nn.Module, dtype: torch.dtype) -> None:
-    """Every weight but LayerNorm's to `dtype`, in place. LayerNorm keeps fp32 weights because
-    autocast runs it in fp32, and rounding its gains to bf16 would cost accuracy for nothing."""
-    for m in module.modules():
-        if not isinstance(m, nn.LayerNorm):
-            for p in m.parameters(recurse=False):
-                p.data = p.data.to(dtype)
-
-
 def fast_decoder(decoder: CaptionDecoder, dtype: torch.dtype) -> CaptionDecoder:
     """A second module tree over the decoder for the fast path, its head left out (the caller runs
     it: the logits must come out in fp32). Linear weights are copies in `dtype`; everything else
@@ -132,8 +125,12 @@ class FastTorchBackend(TorchBackend):
         # Steps are captured as CUDA graphs on CUDA; False runs them eagerly (tests compare both).
         self.cuda_graphs = dev.type == "cuda"
         # The reference decoder (self.model.transformer, fp32) stays as it is for decoder_step; the
-        # encoder is used by encode_frames alone, so it is cast in place rather than copied.
-        cast_except_layer_norm(self.model.first_stage_model, self.dtype)
+        # encoder is used by encode_frames alone, so it is cast in place rather than copied. It
+        # runs wholly in the compute dtype, without autocast: autocast's fp32 LayerNorm outputs
+        # and the casts back cost 2x the bytes of every activation (the ViT's elementwise work is
+        # memory-bound), while PyTorch's LayerNorm kernel and SDPA already accumulate their
+        # statistics and softmax in fp32 for 16-bit inputs.
+        self.model.first_stage_model.to(self.dtype)
         self.device_decoder = fast_decoder(self.model.transformer, self.dtype)
         head = self.model.transformer.head.weight.detach()  # (V, E)
         # bf16 logits would round a logit of 10 to steps of 0.06 and turn near ties around; the
@@ -171,10 +168,8 @@ class FastTorchBackend(TorchBackend):
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        x = self.device_frames(frames)
-        with self.autocast():
-            emb = self.model.first_stage_model(x)  # (N, n_embd)
-        return emb.float().cpu().numpy()
+        x = self.device_frames(frames).to(self.dtype)
+        return self.model.first_stage_model(x).float().cpu().numpy()  # (N, n_embd)
 
     def slot_decoder(self, slots: int, frame_num: int, max_new_tokens: int) -> StaticSlotDecoder:
         return StaticSlotDecoder(self, slots, frame_num, max_new_tokens, self.cuda_graphs)
