@@ -386,8 +386,7 @@ def encoder_section(b: Bench) -> None:
                 rows.append(_failed(len(headers), n, f"v2t {FAST}", p))
                 notes.append(f"{n} frames, {FAST}/{p}: {_brief(err)}")
     notes.append(f"{flops / 1e9:.3g} GFLOP per frame; input: host uint8 crops, normalized on the device")
-    notes += [f"{FAST}/{p} loaded from the checkpoint in {s:.1f} s (QuickGELU fused by torch.compile: "
-              f"{getattr(b._fast[p], 'fused_gelu', 'n/a')})" for p, s in b.load_s.items()]
+    notes += [f"{FAST}/{p} loaded from the checkpoint in {s:.1f} s" for p, s in b.load_s.items()]
     b.emit(f"Frame encoder on {b.device.type} (ViT {cfg.vit_width}w x {cfg.vit_layers}, {cfg.img_size} px)",
            headers, rows, notes)
 

@@ -37,7 +37,7 @@ from v2t_engine.errors import ConfigError
 from v2t_engine.inputs.preprocess import _LUT
 from v2t_engine.runtime.slot_decoder import active_rows
 
-from .model import CaptionDecoder, DecoderBlock, QuickGELU
+from .model import CaptionDecoder, DecoderBlock
 from .torch_backend import TorchBackend
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,29 +112,6 @@ def mm_to_fp32_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def fuse_quick_gelu(vit: nn.Module, device: torch.device) -> bool:
-    """On CUDA, run the ViT's QuickGELU as one fused kernel (torch.compile of the pointwise
-    function alone: seconds to compile, once). Eager PyTorch runs it as three kernels over the
-    MLP's 4x-wide activations, about a tenth of a bf16 ViT-L forward in memory traffic. Returns
-    False, leaving the eager activation, where the compiler cannot run (no Triton, say)."""
-    activations = [m for m in vit.modules() if isinstance(m, QuickGELU)]
-    if device.type != "cuda" or not activations:
-        return False
-    fused = torch.compile(quick_gelu, dynamic=True, fullgraph=True)
-    try:
-        probe = torch.randn(2, 3, 8, device=device, dtype=next(vit.parameters()).dtype)
-        torch.testing.assert_close(fused(probe), quick_gelu(probe))
-    except Exception:  # noqa: BLE001 - any compiler failure leaves the eager activation
-        return False
-    for m in activations:
-        m.forward = fused
-    return True
-
-
 class FastTorchBackend(TorchBackend):
     name = "torch-fast"
     loads = TorchBackend.loads
@@ -154,7 +131,6 @@ class FastTorchBackend(TorchBackend):
         # memory-bound), while PyTorch's LayerNorm kernel and SDPA already accumulate their
         # statistics and softmax in fp32 for 16-bit inputs.
         self.model.first_stage_model.to(self.dtype)
-        self.fused_gelu = fuse_quick_gelu(self.model.first_stage_model, dev)
         self.device_decoder = fast_decoder(self.model.transformer, self.dtype)
         head = self.model.transformer.head.weight.detach()  # (V, E)
         # bf16 logits would round a logit of 10 to steps of 0.06 and turn near ties around; the
