@@ -180,6 +180,11 @@ def _broken_exports(export, root):
     manifest["files"]["decoder.onnx"]["bytes"] = (d / "decoder.onnx").stat().st_size
     (d / "manifest.json").write_text(json.dumps(manifest))
     cases["swapped"] = (d, "has no input 'input_ids'")
+    d = copy("bf16")  # what a bf16 export's manifest says (its graphs keep fp32 inputs and outputs)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["precision"] = "bf16"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    cases["bf16"] = (d, "bfloat16")
     return cases
 
 

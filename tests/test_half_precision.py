@@ -4,6 +4,7 @@ the manifest says whether validation ran. ONNX Runtime's CPU provider runs fp16 
 exports are validated here) but has no bfloat16 kernels (so bf16 exports record validation as
 pending, and loading one on the CPU is refused with the reason)."""
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.runtime.contract import (DECODER_FILE, ENCODER_FILE, LOGITS, MANIFEST_FILE, NUM_FRAMES,
                                          decoder_contract, decoder_sizes, encoder_contract)
 from v2t_engine.runtime.manifest import Manifest
-from v2t_export.half import bf16_bits, convert_model
+from v2t_export.half import bf16_bits, convert_model, to_half_graph
 
 FLOAT, FP16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 HALF = {"fp16": FP16, "bf16": BF16}
@@ -50,7 +51,19 @@ def bf16_export(random_checkpoint, tmp_path_factory):
 
 @pytest.fixture(params=["fp16", "bf16"])
 def half_export(request):
+    """A real `v2t export --precision` (traced, converted, validated where it can run): the slow
+    tier; the structure tests read `half_graphs`, the same conversion of the fast tier's export."""
     return request.param, request.getfixturevalue(f"{request.param}_export")
+
+
+@pytest.fixture(scope="module", params=["fp16", "bf16"])
+def half_graphs(request, random_export, tmp_path_factory):
+    """The fp32 export's graphs through the converter `v2t export --precision` runs on them."""
+    out = tmp_path_factory.mktemp(f"{request.param}_graphs") / "onnx"
+    shutil.copytree(random_export, out)
+    for graph_file in GRAPHS:
+        to_half_graph(out / graph_file, request.param)
+    return request.param, out
 
 
 def manifest(export_dir):
@@ -70,8 +83,8 @@ def node_types(node: onnx.NodeProto, types: dict[str, int]) -> set[int]:
     return {types[x] for x in (*node.input, *node.output) if x in types}
 
 
-def test_norms_softmax_and_head_compute_in_fp32_everything_else_in_half(half_export):
-    precision, out = half_export
+def test_norms_softmax_and_head_compute_in_fp32_everything_else_in_half(half_graphs):
+    precision, out = half_graphs
     half = HALF[precision]
     for graph_file in GRAPHS:
         model = onnx.load(str(out / graph_file))
@@ -95,8 +108,8 @@ def test_norms_softmax_and_head_compute_in_fp32_everything_else_in_half(half_exp
         assert sum(i.data_type == half for i in weights) > sum(i.data_type == FLOAT for i in weights)
 
 
-def test_the_head_reads_its_input_and_weight_in_fp32(half_export):
-    _, out = half_export
+def test_the_head_reads_its_input_and_weight_in_fp32(half_graphs):
+    _, out = half_graphs
     model = onnx.load(str(out / DECODER_FILE))
     types = float_types(model)
     (head,) = [n for n in model.graph.node if LOGITS in n.output]
@@ -112,16 +125,17 @@ def io_types(graph_path):
             for v in (*g.input, *g.output)]
 
 
-def test_graph_inputs_and_outputs_are_the_fp32_exports(half_export, random_export):
-    _, out = half_export
+def test_graph_inputs_and_outputs_are_the_fp32_exports(half_graphs, random_export):
+    _, out = half_graphs
     for graph_file in GRAPHS:
         assert io_types(out / graph_file) == io_types(random_export / graph_file)
-    assert manifest(out)["graphs"] == manifest(random_export)["graphs"]
 
 
-def test_manifest_records_the_precision_and_validation_honestly(half_export):
+@pytest.mark.slow
+def test_manifest_records_the_precision_and_validation_honestly(half_export, random_export):
     precision, out = half_export
     m = manifest(out)
+    assert m["graphs"] == manifest(random_export)["graphs"]
     v = m["validation"]
     assert m["precision"] == v["precision"] == precision
     if precision == "fp16":  # ONNX Runtime's CPU provider runs it: validated here
@@ -136,6 +150,7 @@ def test_manifest_records_the_precision_and_validation_honestly(half_export):
         assert not Manifest.load(out).validated
 
 
+@pytest.mark.slow
 def test_bf16_export_is_refused_on_the_cpu_with_the_reason(bf16_export):
     with pytest.raises(ConfigError, match=r"bf16 export: .*bfloat16.*--device cuda"):
         OrtBackend(bf16_export)
@@ -143,19 +158,20 @@ def test_bf16_export_is_refused_on_the_cpu_with_the_reason(bf16_export):
         Captioner.load(bf16_export)
 
 
+@pytest.mark.slow
 def test_fp16_greedy_captions_agree_with_fp32(fp16_export, random_export, test_pixels):
     want = Captioner.load(random_export).caption_pixels(test_pixels)
     got = Captioner.load(fp16_export).caption_pixels(test_pixels)
     assert np.mean([a == b for a, b in zip(got, want)]) >= MIN_FP16_CAPTION_AGREEMENT
 
 
-def test_half_graphs_compute_what_the_fp32_graphs_do(half_export, random_export):
+def test_half_graphs_compute_what_the_fp32_graphs_do(half_graphs, random_export):
     """onnx's reference evaluator runs bfloat16 where ONNX Runtime's CPU provider cannot: a check
     of the rewrite (every Cast in its place), not a validation of a runtime. Relative error of the
     order of the type's rounding (2^-11 fp16, 2^-8 bf16) through a few layers."""
     from onnx.reference import ReferenceEvaluator
 
-    precision, out = half_export
+    precision, out = half_graphs
     tolerance = {"fp16": 1e-2, "bf16": 5e-2}[precision]
     cfg = Manifest.load(random_export).config
     cases = ((ENCODER_FILE, encoder_contract(cfg).example({NUM_FRAMES: 3}, seed=1)),

@@ -90,6 +90,12 @@ Manifest parse(const json& data, const std::string& dir, const std::string& path
   if (data.value("format", "") != "v2t-onnx" || data.value("format_version", -1) != 1) {
     fail(ErrorCode::artifact, path + ": unsupported format; re-export with this v2t");
   }
+  // ONNX Runtime's CPU provider, which this library runs, has no bfloat16 kernels: say so here
+  // rather than fail inside a session.
+  if (data.value("precision", "fp32") == "bf16") {
+    fail(ErrorCode::artifact, path + ": a bf16 export, which ONNX Runtime's CPU provider cannot run (no bfloat16 "
+                                     "kernels); export the checkpoint with --precision fp32, fp16 or int8 for CPU");
+  }
   Manifest m;
   m.config = parse_config(data.at("model_config"), path);
   const json& graphs = data.at("graphs");
