@@ -28,6 +28,7 @@ import torch
 from common import base_parser, checkpoint, describe, export, load_eager, measure, print_table, setup
 from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.config import ModelConfig
+from v2t_engine.inputs.preprocess import normalize
 
 TARGET_FRAMES_S = 2.5
 # The precision whose GEMM rate bounds each row.
@@ -80,7 +81,9 @@ def main() -> int:
     cfg, workdir = setup(args)
     ck = checkpoint(cfg, workdir)
     precisions = args.precisions.split(",")
-    frames = torch.randn(args.frames, 3, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    # uint8 crops, as predict hands them to a backend; the eager baselines get them normalized.
+    pixels = np.random.default_rng(0).integers(0, 256, (args.frames, 3, cfg.img_size, cfg.img_size), dtype=np.uint8)
+    frames = torch.from_numpy(normalize(pixels))
     vit = load_eager(ck).first_stage_model
 
     runs = [("eager fp32", "fp32", lambda: eager(vit, frames)),
@@ -88,7 +91,6 @@ def main() -> int:
     captioners = [("v2t torch", "fp32", Captioner.load(ck, backend="torch", threads=args.threads))]
     captioners += [(f"v2t ort/{p}", p, Captioner.load(export(ck, p), backend="ort", threads=args.threads))
                    for p in precisions]
-    pixels = frames.numpy()
     runs += [(name, p, lambda cap=cap: cap.backend.encode_frames(pixels)) for name, p, cap in captioners]
 
     n = args.gemm_size or (512 if args.tiny else 2048)

@@ -36,7 +36,6 @@ import numpy as np
 
 from common import print_table
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
-from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.inputs.tables import InputSchema, read_table
 from v2t_engine.jobs.metrics import caption_metrics, read_references
 from v2t_engine.runtime.captioner import Captioner
@@ -104,11 +103,11 @@ def export(ck: Path, out: Path, precision: str, quick: bool) -> Path:
 
 
 def test_clips(data: Path, cap: Captioner) -> tuple[list[str], np.ndarray]:
-    """idx and CLIP-normalized frames (N, F, 3, S, S) of every test clip, decoded once."""
+    """idx and uint8 crops (N, F, 3, S, S) of every test clip, decoded once."""
     cfg = cap.config
     rows = list(read_table(data / "test.txt", InputSchema.parse("idx:str:1,imgbase64:str:1")))
     frames = [row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0] for r in rows]
-    return [r.idx for r in rows], normalize(np.stack(frames))
+    return [r.idx for r in rows], np.stack(frames)
 
 
 def caption_all(cap: Captioner, pixels: np.ndarray, opts: SearchOptions) -> dict[int, str]:

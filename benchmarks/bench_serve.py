@@ -38,7 +38,6 @@ import numpy as np
 from bench_predict import SCHEMA, make_table
 from common import base_parser, checkpoint, describe, export, print_table, setup
 from v2t_engine.inputs.frames import FrameSource, load_row_frames
-from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.inputs.tables import InputSchema
 from v2t_engine.jobs.predict import PredictOptions, predict_tables
 from v2t_engine.runtime.captioner import Captioner
@@ -68,7 +67,7 @@ def per_request(captioner: Captioner, rows, requests: int) -> dict:
         idx, frames = rows[i % len(rows)]
         start = time.perf_counter()
         crops, _ = load_row_frames(json.dumps(frames), cfg.frame_num, cfg.img_size, FrameSource())
-        pixels = normalize(crops)[None]  # (1, F, 3, S, S)
+        pixels = crops[None]  # (1, F, 3, S, S) uint8
         captions[idx] = captioner.caption_pixels(pixels)[0]
         elapsed = time.perf_counter() - start
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output: str | Path, fmt: str =
     tmp = output.with_name(output.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    quantize_graphs(*export_onnx(model, tmp), precision)
+    quantize_graphs(export_onnx(model, tmp), precision)
     tokenizer.save(tmp)
     manifest = Manifest(config=model.cfg, opset=OPSET, precision=precision,
                         tokenizer_file=TOKENIZER_FILE, source=str(checkpoint_dir)).with_file_digests(tmp)

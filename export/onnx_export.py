@@ -1,5 +1,6 @@
-"""Split a VideoCaptioner into two ONNX graphs following v2t_engine.contract:
-a frame encoder and one incremental decoder with the KV cache as inputs and outputs."""
+"""Split a VideoCaptioner into the ONNX graphs of v2t_engine.contract: a frame encoder that
+takes uint8 crops, a prefill over each video's frames, and a decode step over a fixed-length
+KV buffer."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,10 @@ import torch
 from torch import nn
 
 from v2t_engine.errors import ExportValidationError
-from v2t_engine.runtime.contract import (DECODER_FILE, ENCODER_FILE, NUM_FRAMES, GraphContract, decoder_contract,
-                                         decoder_sizes, encoder_contract)
+from v2t_engine.inputs.preprocess import NORMALIZE_TABLE
+from v2t_engine.runtime.contract import (BATCH, CACHE_LEN, DECODE_FILE, ENCODER_FILE, NUM_FRAMES, PREFILL_FILE,
+                                         PREFIX_LEN, GraphContract, decode_contract, encoder_contract,
+                                         prefill_contract)
 from v2t_training.model import VideoCaptioner
 
 log = logging.getLogger(__name__)
@@ -27,28 +30,43 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class EncoderGraph(nn.Module):
+    """uint8 crops → frame embeddings. CLIP normalisation is a lookup in preprocess's own table
+    (channel c's value v at index 256 c + v), so the graph's pixels are the host's bit for bit."""
+
     def __init__(self, model: VideoCaptioner):
         super().__init__()
         self.vit = model.first_stage_model
+        self.register_buffer("table", torch.from_numpy(NORMALIZE_TABLE.copy()).reshape(-1))
+        self.register_buffer("offset", (torch.arange(3) * 256).view(1, 3, 1, 1))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.vit(frames)  # (N, 3, S, S) → (N, E)
+        return self.vit(self.table[frames.long() + self.offset])  # (N, 3, S, S) → (N, E)
 
 
-class DecoderGraph(nn.Module):
-    """Flattens the cache into positional tensors in contract order (layer-major, key first)."""
+class PrefillGraph(nn.Module):
+    """The model's own forward over the frames from an empty past; the cache flattened in
+    contract order (layer-major, key first)."""
 
+    def __init__(self, model: VideoCaptioner):
+        super().__init__()
+        self.decoder = model.transformer
+
+    def forward(self, prefix_embeds):
+        empty = torch.zeros(prefix_embeds.shape[0], 0, dtype=torch.long)
+        logits, present = self.decoder(empty, prefix_embeds, last_only=True)
+        return (logits, *[t for kv in present for t in kv])
+
+
+class DecodeGraph(nn.Module):
     def __init__(self, model: VideoCaptioner):
         super().__init__()
         self.decoder = model.transformer
         self.n_layer = model.cfg.n_layer
 
-    def forward(self, input_ids, prefix_embeds, position_ids, attention_mask, *past_flat):
-        # The four leading inputs and the cache, in decoder_contract's order.
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.n_layer)]
-        logits, present = self.decoder(input_ids, prefix_embeds, position_ids, attention_mask,
-                                       past, last_only=True)
-        return (logits, *[t for kv in present for t in kv])
+    def forward(self, input_ids, position_ids, *cache_flat):
+        cache = [(cache_flat[2 * i], cache_flat[2 * i + 1]) for i in range(self.n_layer)]
+        logits, new = self.decoder.decode(input_ids, position_ids, cache)
+        return (logits, *[t for kv in new for t in kv])
 
 
 def _example(contract: GraphContract, sizes: dict[str, int], vocab_size: int) -> tuple:
@@ -58,9 +76,8 @@ def _example(contract: GraphContract, sizes: dict[str, int], vocab_size: int) ->
 
 def _auto_dynamic_shapes(contract: GraphContract):
     """torch.export dynamic_shapes for the contract's symbolic axes: one entry per leading input,
-    and one tuple for the KV cache, which the module takes as ``*past``. Dim.AUTO lets the
-    exporter find the relations (total_len = past_len + step_len); contract names are put back
-    after."""
+    and one tuple for the KV cache, which the module takes as ``*cache``. Dim.AUTO lets the
+    exporter find which axes are the same; contract names are put back after."""
     auto = torch.export.Dim.AUTO
     specs = [{axis: auto for axis in t.dynamic_axes()} for t in contract.inputs]
     n = len(specs) - contract.cache_inputs
@@ -68,8 +85,8 @@ def _auto_dynamic_shapes(contract: GraphContract):
 
 
 def _name_axes(proto: onnx.ModelProto, contract: GraphContract) -> None:
-    """Replace the exporter's symbols (s10, 's15 + s69') on graph inputs and outputs by the
-    contract's axis names, and check fixed sizes against the contract."""
+    """Replace the exporter's symbols (s10, s15) on graph inputs and outputs by the contract's
+    axis names, and check fixed sizes against the contract."""
     by_name = {t.name: t for t in (*contract.inputs, *contract.outputs)}
     for value in (*proto.graph.input, *proto.graph.output):
         spec = by_name.get(value.name)
@@ -118,8 +135,8 @@ def _known_warnings_silenced() -> Iterator[None]:
 
 
 @torch.no_grad()
-def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write the frame encoder and the decoder graph into out_dir; returns their paths."""
+def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> dict[str, Path]:
+    """Write the frame encoder, prefill and decode graphs into out_dir; their paths by graph name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
@@ -127,11 +144,12 @@ def export_onnx(model: VideoCaptioner, out_dir: str | Path) -> tuple[Path, Path]
     # Sizes of at least 2, all different, on every dynamic axis: torch.export specializes axes
     # whose example size is 0 or 1, and could tie axes of equal size.
     graphs = ((EncoderGraph(model), encoder_contract(cfg), {NUM_FRAMES: 3}, ENCODER_FILE),
-              (DecoderGraph(model), decoder_contract(cfg), decoder_sizes(2, 4, 3, 5), DECODER_FILE))
-    paths = []
+              (PrefillGraph(model), prefill_contract(cfg), {BATCH: 2, PREFIX_LEN: 3}, PREFILL_FILE),
+              (DecodeGraph(model), decode_contract(cfg), {BATCH: 2, CACHE_LEN: 5}, DECODE_FILE))
+    paths = {}
     with _known_warnings_silenced():
         for module, contract, sizes, file in graphs:
             log.info("exporting the %s", contract.name)
-            paths.append(_export(module.eval(), _example(contract, sizes, cfg.vocab_size), contract,
-                                 _auto_dynamic_shapes(contract), out_dir / file))
-    return paths[0], paths[1]
+            paths[contract.name] = _export(module.eval(), _example(contract, sizes, cfg.vocab_size), contract,
+                                           _auto_dynamic_shapes(contract), out_dir / file)
+    return paths

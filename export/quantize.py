@@ -1,6 +1,6 @@
 """Lower-precision copies of the exported fp32 graphs, made in place after the fp32 export.
 
-int8 (both graphs) and int8_encoder (the frame encoder only, the decoder stays fp32): ONNX
+int8 (every graph) and int8_encoder (the frame encoder only, prefill and decode stay fp32): ONNX
 Runtime dynamic quantization. Weights of MatMul/Gemm become int8 (per output channel:
 one scale per column keeps the columns with small weights from losing all their bits to the
 largest column), activations are quantized to uint8 per tensor at run time. ORT fuses the result
@@ -16,7 +16,7 @@ int8 kernels multiply uint8 activations by int8 weights in 16-bit lanes that sat
 weights, enough to fail validation (README gives the measurement). An export may be built on one
 CPU and run on another, so every int8 export takes the range that is exact on both.
 
-fp16 and bf16 (both graphs): half.py's rewrite, LayerNorm, Softmax, the head and the graph I/O
+fp16 and bf16 (every graph): half.py's rewrite, LayerNorm, Softmax, the head and the graph I/O
 kept in fp32. ONNX Runtime's CPU provider has no bfloat16 arithmetic kernels (MatMul, Gemm, Add,
 Softmax are all missing in 1.32; microsoft/onnxruntime#20630), so a bf16 export is for GPUs
 (TensorRT, ONNX Runtime's CUDA provider); made on a CPU, its validation is recorded as pending.
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "int8_encoder", "fp16", "bf16")
 # Which graphs each precision quantizes to int8.
-INT8_GRAPHS = {"fp32": (), "int8": ("frame_encoder", "decoder"), "int8_encoder": ("frame_encoder",),
+INT8_GRAPHS = {"fp32": (), "int8": ("frame_encoder", "prefill", "decode"), "int8_encoder": ("frame_encoder",),
                "fp16": (), "bf16": ()}
 
 
@@ -47,10 +47,10 @@ def check_precision(precision: str) -> None:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
-def quantize_graphs(encoder: Path, decoder: Path, precision: str) -> None:
-    """Rewrite the fp32 graph files that `precision` quantizes, in place."""
+def quantize_graphs(graphs: dict[str, Path], precision: str) -> None:
+    """Rewrite the fp32 graph files (by graph name) that `precision` quantizes, in place."""
     check_precision(precision)
-    for name, path in (("frame_encoder", encoder), ("decoder", decoder)):
+    for name, path in graphs.items():
         if precision in HALF_TYPES:
             to_half_graph(path, precision)
         elif name in INT8_GRAPHS[precision]:

@@ -1,5 +1,5 @@
 """Check an export directory against the PyTorch model it came from: tensor differences on
-random inputs for both graphs, then greedy generation, whose tokens must equal PyTorch's (fp32)
+random inputs for every graph, then greedy generation, whose tokens must equal PyTorch's (fp32)
 or agree on most positions (int8, fp16, bf16), with the agreement recorded in the manifest.
 
 Where ONNX Runtime on the validating device cannot run the precision (bf16 on the CPU), nothing
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from v2t_engine.runtime.backends.ort import OrtBackend, unsupported_precision
-from v2t_engine.runtime.contract import NUM_FRAMES, DecoderInputs, encoder_contract
+from v2t_engine.inputs.preprocess import normalize
+from v2t_engine.runtime.contract import NUM_FRAMES, cache_len, encoder_contract
 from v2t_engine.errors import ConfigError, ExportValidationError
 from v2t_engine.runtime.generator import generate_candidates
 from v2t_engine.runtime.manifest import pending_validation
@@ -53,53 +54,61 @@ def _max_diff(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return diff, diff / scale
 
 
-def _ort_step(backend: OrtBackend, inputs: DecoderInputs, past: list[np.ndarray]
-              ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One decoder step into freshly allocated present arrays (the generator reuses buffers;
-    validation keeps every step's cache to compare it)."""
+def _ort_prefill(backend: OrtBackend, prefix: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     cfg = backend.config
-    B, total = inputs.attention_mask.shape
-    present = [np.empty((B, cfg.n_head, total, cfg.head_dim), np.float32) for _ in past]
-    return backend.decoder_step(inputs, past, present), present
+    B, Fr, _ = prefix.shape
+    logits = np.empty((B, cfg.vocab_size), np.float32)
+    kv = [np.empty((B, cfg.n_head, Fr, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
+    backend.prefill(np.ascontiguousarray(prefix, np.float32), logits, kv)
+    return logits, kv
 
 
-def _torch_step(model: VideoCaptioner, inputs: DecoderInputs, past) -> tuple[torch.Tensor, list]:
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.feeds().values()]
-    return model.transformer(*tensors, past, last_only=True)
+def _ort_decode(backend: OrtBackend, tokens: np.ndarray, position: int, cache: list[np.ndarray]
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
+    cfg = backend.config
+    B = tokens.shape[0]
+    logits = np.empty((B, cfg.vocab_size), np.float32)
+    new = [np.empty((B, cfg.n_head, 1, cfg.head_dim), np.float32) for _ in cache]
+    backend.decode(tokens[:, None].astype(np.int64), np.full((B, 1), position, np.int64), cache, logits, new)
+    return logits, new
 
 
-def _cache_diffs(ort_past: list[np.ndarray], torch_past) -> list[tuple[float, float]]:
-    return [_max_diff(o, t.numpy()) for o, t in zip(ort_past, [x for kv in torch_past for x in kv])]
+def _flat(kv) -> list[np.ndarray]:
+    return [t.numpy() for pair in kv for t in pair]
 
 
 def _compare_decoder(model: VideoCaptioner, backend: OrtBackend, prefix: np.ndarray,
                      rng: np.random.Generator, n_steps: int) -> dict[str, tuple[float, float]]:
-    """The prefix step from an empty past, then token steps on the returned cache, the same
-    inputs through both."""
+    """The prefill, then decode steps over the fixed-length cache the prefill filled, the same
+    tokens through both; PyTorch's side is the model's own forward with its growing cache, so
+    the decode graph is checked against the math training uses. The cache's unwritten columns
+    hold noise: a row must not see past its position."""
     cfg = model.cfg
     B, Fr = prefix.shape[:2]
-    inputs = DecoderInputs.prefix_step(prefix)
-    t_logits, t_past = _torch_step(model, inputs, None)
-    empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), np.float32)
-    o_logits, o_past = _ort_step(backend, inputs, [empty] * (2 * cfg.n_layer))
+    t_logits, t_past = model.transformer(torch.zeros(B, 0, dtype=torch.long), torch.from_numpy(prefix),
+                                         last_only=True)
+    o_logits, o_kv = _ort_prefill(backend, prefix)
     step_diffs = [_max_diff(o_logits, t_logits.numpy())]
-    cache_diffs = _cache_diffs(o_past, t_past)
+    cache_diffs = [_max_diff(o, t) for o, t in zip(o_kv, _flat(t_past))]
+    cache = [rng.standard_normal((B, cfg.n_head, cache_len(cfg), cfg.head_dim)).astype(np.float32) for _ in o_kv]
+    for dst, src in zip(cache, o_kv):
+        dst[:, :, :Fr] = src
     for step in range(min(n_steps, cfg.text_len - 1)):
-        inputs = DecoderInputs.token_step(rng.integers(0, cfg.vocab_size, (B, 1)),
-                                          np.full((B, 1), Fr + step, np.int64),
-                                          np.ones((B, Fr + step + 1), np.int64), cfg.n_embd)
-        t_logits, t_past = _torch_step(model, inputs, t_past)
-        o_logits, o_past = _ort_step(backend, inputs, o_past)
+        tokens = rng.integers(0, cfg.vocab_size, B)
+        t_logits, t_past = model.transformer(torch.from_numpy(tokens[:, None]), past=t_past, last_only=True)
+        o_logits, new = _ort_decode(backend, tokens, Fr + step, cache)
         step_diffs.append(_max_diff(o_logits, t_logits.numpy()))
-        cache_diffs += _cache_diffs(o_past, t_past)
+        cache_diffs += [_max_diff(o, t[:, :, -1:]) for o, t in zip(new, _flat(t_past))]
+        for dst, src in zip(cache, new):
+            dst[:, :, Fr + step] = src[:, :, 0]
     return {"decoder_logits": max(step_diffs, key=lambda d: d[1]),
             "decoder_kv_cache": max(cache_diffs, key=lambda d: d[1])}
 
 
-def _compare_greedy(model: VideoCaptioner, backend: OrtBackend, pixels: torch.Tensor) -> dict[str, Any]:
+def _compare_greedy(model: VideoCaptioner, backend: OrtBackend, pixels: np.ndarray) -> dict[str, Any]:
     """Greedy captions end to end through the runtime's own generator vs PyTorch's reference."""
-    t_tokens = model.generate_greedy(pixels).numpy()
-    o_tokens = generate_candidates(backend, pixels.numpy(), SearchOptions(), np.random.default_rng(0),
+    t_tokens = model.generate_greedy(torch.from_numpy(normalize(pixels))).numpy()
+    o_tokens = generate_candidates(backend, pixels, SearchOptions(), np.random.default_rng(0),
                                    model.cfg.text_len)[:, 0, :]
     return {"greedy_tokens_equal": bool(np.array_equal(t_tokens, o_tokens)),
             "greedy_token_agreement": float((t_tokens == o_tokens).mean()),
@@ -130,17 +139,16 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
     report: dict[str, Any] = {"precision": precision, "validated": True, "device": device,
                               "relative_tolerance": tol, "min_greedy_agreement": min_agreement}
 
-    (example,) = encoder_contract(cfg).example({NUM_FRAMES: n_videos * cfg.frame_num}, seed).values()
-    frames = torch.from_numpy(example)  # (N, 3, S, S), standard normal as CLIP-normalized pixels are
-    ref = model.first_stage_model(frames)
-    worst = {"frame_encoder": _max_diff(backend.encode_frames(frames.numpy()), ref.numpy())}
+    (frames,) = encoder_contract(cfg).example({NUM_FRAMES: n_videos * cfg.frame_num}, seed).values()  # uint8
+    ref = model.first_stage_model(torch.from_numpy(normalize(frames)))
+    worst = {"frame_encoder": _max_diff(backend.encode_frames(frames), ref.numpy())}
     # The decoder is compared on the PyTorch encoder's output, so its figures are its own error.
     worst.update(_compare_decoder(model, backend, ref.view(n_videos, cfg.frame_num, -1).numpy(),
                                   np.random.default_rng(seed), n_steps))
     for name, (abs_diff, rel_diff) in worst.items():
         report[f"{name}_max_abs_diff"] = abs_diff
         log.info("validation: %s max abs diff %.3g (relative %.3g, tolerance %.1g)", name, abs_diff, rel_diff, tol)
-    report.update(_compare_greedy(model, backend, frames.view(n_videos, cfg.frame_num, *frames.shape[1:])))
+    report.update(_compare_greedy(model, backend, frames.reshape(n_videos, cfg.frame_num, *frames.shape[1:])))
 
     problems = [f"{n}: max abs diff {worst[n][0]:.3g} exceeds relative tolerance {tol:g}"
                 for n, (_, rel) in worst.items() if not rel <= tol]  # `not <=` also catches NaN

@@ -97,17 +97,16 @@ def random_export(random_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def test_pixels(synth_data):
-    """(N, F, 3, S, S) normalized frames of the held-out clips, decoded as predict decodes them."""
+    """(N, F, 3, S, S) uint8 crops of the held-out clips, decoded as predict decodes them."""
     import numpy as np
 
     from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
-    from v2t_engine.inputs.preprocess import normalize
     from v2t_engine.inputs.tables import InputSchema, read_table
 
     rows = read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA))
     frames = [row_frames_or_error(r, "imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"], FrameSource())[0]
               for r in rows]
-    return normalize(np.stack(frames))
+    return np.stack(frames)
 
 
 # ------------------------------------------------------------------------------- slow tier

@@ -5,6 +5,7 @@ exhaustive search on injected logits: tests/test_search.py.)"""
 import numpy as np
 import pytest
 
+from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.runtime.backends.ort import OrtBackend
 from v2t_engine.runtime.generator import CaptionGenerator, stream_captions
 from v2t_engine.runtime.search import SearchOptions
@@ -24,7 +25,7 @@ def backend(random_export):
 
 @pytest.fixture(scope="module")
 def pixels(test_pixels):
-    """(N, F, 3, S, S) normalized frames of the first held-out clips."""
+    """(N, F, 3, S, S) uint8 crops of the first held-out clips."""
     return test_pixels[:N_VIDEOS]
 
 
@@ -126,7 +127,7 @@ def reference_beams(model, frames, opts, max_new, pad):
 
     K = opts.num_beams
     with torch.no_grad():
-        prefix = model.encode_frames(torch.from_numpy(frames[None])).expand(K, -1, -1)  # (K, F, E)
+        prefix = model.encode_frames(torch.from_numpy(normalize(frames)[None])).expand(K, -1, -1)  # (K, F, E)
         beams = BeamSearch(opts, max_new, pad)
         tokens = torch.zeros(K, 0, dtype=torch.long)
         while True:

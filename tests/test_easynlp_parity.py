@@ -23,7 +23,6 @@ import pytest
 from conftest import TEST_SCHEMA, run_cli
 from v2t_engine.errors import ConfigError
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
-from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.inputs.tables import InputSchema, read_table
 from v2t_engine.jobs.predict import PredictOptions, format_gen_text
 from v2t_engine.runtime.search import SearchOptions, select_tokens, token_probabilities
@@ -206,8 +205,8 @@ def test_predict_writes_easynlps_lines(random_export, synth_data, tmp_path):
              for fmt in ("json", "easynlp")}
     cap = Captioner.load(random_export)
     rows = list(read_table(synth_data["test"], InputSchema.parse(TEST_SCHEMA)))
-    pixels = [normalize(row_frames_or_error(r, "imgbase64", cap.config.frame_num, cap.config.img_size,
-                                            FrameSource())[0]) for r in rows]
+    pixels = [row_frames_or_error(r, "imgbase64", cap.config.frame_num, cap.config.img_size, FrameSource())[0]
+              for r in rows]
     opts = SearchOptions(do_sample=True, temperature=3.0, num_return=2, seed=5)
     # predict keys each row's sampling streams by the seed and the row's line (resume, shards).
     videos = [(n, p, row_search(opts, row.line_no - 1)) for n, (row, p) in enumerate(zip(rows, pixels))]

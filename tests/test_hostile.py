@@ -268,21 +268,21 @@ def cut(name, keep):
 
 def truncated_and_manifest_agreeing(directory):
     """A truncated graph whose manifest entry was edited to agree on its size."""
-    cut("decoder.onnx", 1000)(directory)
-    manifest_edit(lambda m: m["files"]["decoder.onnx"].update(bytes=1000))(directory)
+    cut("decode.onnx", 1000)(directory)
+    manifest_edit(lambda m: m["files"]["decode.onnx"].update(bytes=1000))(directory)
 
 
 @pytest.mark.parametrize("damage,verify,message", [
-    (cut("decoder.onnx", 1000), False, r"decoder.onnx is 1000 bytes, the manifest says \d+"),
+    (cut("decode.onnx", 1000), False, r"decode.onnx is 1000 bytes, the manifest says \d+"),
     (cut("frame_encoder.onnx", 0), False, r"frame_encoder.onnx is 0 bytes, the manifest says \d+"),
     (cut("manifest.json", 50), False, r"manifest.json is not valid JSON"),
-    (manifest_edit(lambda m: m["files"]["decoder.onnx"].update(sha256="0" * 64)), True,
-     r"decoder.onnx does not have the SHA-256 the manifest records"),
+    (manifest_edit(lambda m: m["files"]["decode.onnx"].update(sha256="0" * 64)), True,
+     r"decode.onnx does not have the SHA-256 the manifest records"),
     (manifest_edit(lambda m: m["files"]["tokenizer.json"].update(bytes=1)), False,
      r"tokenizer.json is \d+ bytes, the manifest says 1"),
-    (truncated_and_manifest_agreeing, True, r"decoder.onnx does not have the SHA-256"),
-    (truncated_and_manifest_agreeing, False, r"decoder.onnx"),
-], ids=["cut-decoder", "empty-encoder", "cut-manifest", "edited-sha", "edited-size", "agreeing-verify",
+    (truncated_and_manifest_agreeing, True, r"decode.onnx does not have the SHA-256"),
+    (truncated_and_manifest_agreeing, False, r"decode.onnx"),
+], ids=["cut-decode", "empty-encoder", "cut-manifest", "edited-sha", "edited-size", "agreeing-verify",
         "agreeing-no-verify"])
 def test_a_damaged_export_is_one_error_naming_the_file(random_export, synth_data, tmp_path, damage, verify, message):
     import re

@@ -186,17 +186,3 @@ def test_the_model_is_handed_uint8_crops(synth_data):
         videos = list(predict_module._videos(decoded, opts, SimpleNamespace(expect=lambda *a: None),
                                              predict_module.PredictReport(outputs="x"), SimpleNamespace(signal=None)))
     assert len(videos) == 24 and all(v[1].dtype == np.uint8 for v in videos)
-
-
-def test_the_service_keeps_a_batch_in_one_form(test_pixels):
-    """Requests of uint8 crops and of normalized floats can share a prefill: the crops are then
-    normalized, never stacked beside floats as if they were normalized."""
-    from v2t_engine.inputs.preprocess import normalize
-    from v2t_engine.serve.service import _one_form, _Request
-
-    crops = (np.arange(np.prod(test_pixels.shape[1:])) % 256).astype(np.uint8).reshape(test_pixels.shape[1:])
-    same = _one_form([_Request(crops, None), _Request(crops, None)])
-    assert all(p.dtype == np.uint8 for p in same)
-    floats = test_pixels[0]
-    mixed = _one_form([_Request(crops, None), _Request(floats, None)])
-    assert np.array_equal(mixed[0], normalize(crops)) and mixed[1] is floats

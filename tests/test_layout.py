@@ -33,9 +33,8 @@ def test_tensor_names_are_spelled_only_in_the_contract():
     from v2t_engine.runtime import contract
 
     names = {v for k, v in vars(contract).items() if k.isupper() and isinstance(v, str) and "_FILE" not in k}
-    names -= {contract.NORMAL, contract.TOKENS, contract.POSITIONS, contract.ONES}  # fill kinds
-    names -= {contract.BATCH, contract.NUM_FRAMES, contract.NEW_TOKENS, contract.PREFIX_LEN,
-              contract.STEP_LEN, contract.PAST_LEN, contract.TOTAL_LEN}  # axis names
+    names -= {contract.NORMAL, contract.TOKENS, contract.POSITIONS, contract.PIXELS}  # fill kinds
+    names -= {contract.BATCH, contract.NUM_FRAMES, contract.PREFIX_LEN, contract.CACHE_LEN}  # axis names
     assert {"input_ids", "frames", "logits"} <= names
     # Not tensor names: the HTTP API's JSON field "frames" (issue 14), spelled once.
     elsewhere = {("v2t_engine/serve/requests.py", "frames")}
@@ -45,7 +44,7 @@ def test_tensor_names_are_spelled_only_in_the_contract():
             continue
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
-                    node.value in names or node.value.startswith(("past_key_values.", "present."))) and (
+                    node.value in names or node.value.startswith(("cache.", "kv_out."))) and (
                     (str(f.relative_to(ROOT)), node.value) not in elsewhere):
                 found.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert not found

@@ -11,7 +11,6 @@ from conftest import TEST_SCHEMA, run_cli
 from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.cli import main
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
-from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.inputs.tables import InputSchema, read_table
 
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul"}
@@ -40,7 +39,7 @@ def test_int8_encoder_export_is_quantized_validated_and_reports_agreement(int8_e
     m = manifest(int8_encoder_dir)
     assert m["precision"] == "int8_encoder"
     assert quantized(int8_encoder_dir / "frame_encoder.onnx")
-    assert not quantized(int8_encoder_dir / "decoder.onnx")
+    assert not quantized(int8_encoder_dir / "prefill.onnx") and not quantized(int8_encoder_dir / "decode.onnx")
     v = m["validation"]
     assert v["precision"] == "int8_encoder" and v["min_greedy_agreement"] == 0.9
     assert v["greedy_token_agreement"] >= 0.9
@@ -53,17 +52,17 @@ def test_int8_encoder_keeps_the_captions_of_the_test_clips(int8_encoder_dir, tra
     rows = list(read_table(recipe_data["test"], InputSchema.parse(TEST_SCHEMA)))
     fp32 = Captioner.load(trained_export)
     cfg = fp32.config
-    pixels = normalize(np.stack([row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0]
-                                 for r in rows]))
+    pixels = np.stack([row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0]
+                       for r in rows])
     want = fp32.caption_pixels(pixels)
     got = Captioner.load(int8_encoder_dir).caption_pixels(pixels)
     assert np.mean([a == b for a, b in zip(got, want)]) >= 0.98
 
 
 @pytest.mark.slow
-def test_int8_quantizes_both_graphs_and_reports_agreement(trained_checkpoint, tmp_path):
+def test_int8_quantizes_every_graph_and_reports_agreement(trained_checkpoint, tmp_path):
     out = export(trained_checkpoint, tmp_path / "int8", "int8", "--min_agreement", "0.95")
-    assert quantized(out / "frame_encoder.onnx") and quantized(out / "decoder.onnx")
+    assert all(quantized(out / f) for f in ("frame_encoder.onnx", "prefill.onnx", "decode.onnx"))
     v = manifest(out)["validation"]
     assert v["min_greedy_agreement"] == 0.95  # the user's threshold replaced the default 0.9
     assert v["greedy_token_agreement"] >= v["min_greedy_agreement"]

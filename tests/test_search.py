@@ -104,22 +104,25 @@ class ScriptedBackend:
     def encode_frames(self, frames):
         return np.repeat(frames[:, :1, 0, 0], 4, axis=1).astype(np.float32)
 
-    def decoder_step(self, inputs, past, present):
-        for p, q in zip(past, present):
-            q[:, :, :p.shape[2]] = p
-            q[:, :, p.shape[2]:] = 0
-        if inputs.prefix_embeds.shape[1]:
-            nxt = [self.first[int(v)] for v in inputs.prefix_embeds[:, -1, 0]]
-        else:
-            self.steps += 1
-            nxt = [self.after[int(t)] for t in inputs.input_ids[:, 0]]
-        logits = np.zeros((inputs.input_ids.shape[0], self.config.vocab_size), np.float32)
+    xp = np
+
+    def prefill(self, prefix, logits, kv_out):
+        self._answer([self.first[int(v)] for v in prefix[:, -1, 0]], logits, kv_out)
+
+    def decode(self, input_ids, position_ids, cache, logits, kv_out):
+        self.steps += 1
+        self._answer([self.after[int(t)] for t in input_ids[:, 0]], logits, kv_out)
+
+    @staticmethod
+    def _answer(nxt, logits, kv_out):
+        for t in kv_out:
+            t[...] = 0
+        logits[...] = 0
         logits[np.arange(len(nxt)), nxt] = 1.0
-        return logits
 
 
 def videos(*values):
-    return np.stack([np.full((2, 3, 16, 16), v, np.float32) for v in values])
+    return np.stack([np.full((2, 3, 16, 16), v, np.uint8) for v in values])
 
 
 def test_generation_stops_at_pad_and_pads_finished_captions():

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from v2t_engine.errors import ConfigError
-from v2t_engine.inputs.preprocess import _LUT
-from v2t_engine.runtime.slot_decoder import active_rows
+from v2t_engine.inputs.preprocess import NORMALIZE_TABLE
+from v2t_engine.runtime.slot_decoder import active_rows, bucket
 
 from .model import CaptionDecoder, DecoderBlock
 from .torch_backend import TorchBackend
@@ -69,15 +69,6 @@ def compute_dtype(device: torch.device, precision: str | None) -> torch.dtype:
         raise ConfigError(f"--precision {precision}: the torch-fast backend runs fp32 on the CPU; "
                           f"{precision} needs --device cuda")
     return PRECISIONS[precision]
-
-
-def bucket(active: int, slots: int) -> int:
-    """Rows a step runs for `active` live rows: the next power of two, or all the slots. A CUDA
-    graph is captured per bucket, so a few sizes cover every load at under 2x the rows needed."""
-    size = 1
-    while size < active:
-        size *= 2
-    return min(size, slots)
 
 
 def fast_decoder(decoder: CaptionDecoder, dtype: torch.dtype) -> CaptionDecoder:
@@ -136,7 +127,7 @@ class FastTorchBackend(TorchBackend):
         # bf16 logits would round a logit of 10 to steps of 0.06 and turn near ties around; the
         # head then computes from bf16 inputs into fp32, or in fp32 where cuBLAS cannot do that.
         self.head_weight = head.to(self.dtype) if mm_to_fp32_works(dev, self.dtype) else head
-        self.lut = torch.from_numpy(_LUT.copy()).reshape(-1).to(dev)  # (3 * 256,) channel-major
+        self.lut = torch.from_numpy(NORMALIZE_TABLE.copy()).reshape(-1).to(dev)  # (3 * 256,) channel-major
         self.lut_offsets = (torch.arange(3, dtype=torch.int32, device=dev) * 256).view(1, 3, 1, 1)
 
     def autocast(self):
@@ -162,7 +153,7 @@ class FastTorchBackend(TorchBackend):
         if self.device.type == "cuda":
             t = t.pin_memory()  # an asynchronous copy needs page-locked memory
         t = t.to(self.device, non_blocking=True)
-        # normalize() looks each channel's value up in _LUT; the same lookup on the device gives
+        # normalize() looks each channel's value up in NORMALIZE_TABLE; the same lookup on the device gives
         # the same float32 values, bit for bit.
         return self.lut[t.int() + self.lut_offsets]
 
@@ -177,7 +168,7 @@ class FastTorchBackend(TorchBackend):
 
 class StaticSlotDecoder:
     """The slot pool's KV cache as static device buffers (see the module docstring); the same
-    captions as ``HostSlotDecoder`` (slot_decoder.py), which keeps it in host memory."""
+    captions as ``BoundSlotDecoder`` (slot_decoder.py) over the exported graphs."""
 
     def __init__(self, backend: FastTorchBackend, slots: int, frame_num: int, max_new_tokens: int,
                  cuda_graphs: bool = False):

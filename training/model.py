@@ -173,6 +173,23 @@ class DecoderAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.proj(y), (k, v)
 
+    def step_over_cache(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        visible: torch.Tensor):
+        """One token per row (x (B, 1, C)) over a fixed-length cache it only reads (keys, values
+        (B, nh, L, hs); visible (B, 1, 1, L) marks the columns before the row's position). The
+        row's own key is attended separately and returned for the caller to write into the
+        cache: an exported graph then never copies the cache, where concatenating the new column
+        would. Softmax over [cache scores, own score] is the forward's masked softmax."""
+        B, _, C = x.shape
+        hs = C // self.n_head
+        q, k, v = (lin(x).view(B, 1, self.n_head, hs).transpose(1, 2) for lin in (self.query, self.key, self.value))
+        q = q * hs ** -0.5
+        cached = (q @ keys.transpose(-2, -1)).masked_fill(~visible, float("-inf"))  # (B, nh, 1, L)
+        own = (q * k).sum(-1, keepdim=True)  # (B, nh, 1, 1)
+        att = torch.cat([cached, own], dim=-1).softmax(dim=-1)
+        y = att[..., :-1] @ values + att[..., -1:] * v  # (B, nh, 1, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, 1, C)), (k, v)
+
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -245,6 +262,22 @@ class CaptionDecoder(nn.Module):
         if last_only:
             x = x[:, -1, :]  # (B, E)
         return self.head(x), presents
+
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache):
+        """One token per row over a fixed-length cache (contract.py's decode graph): input_ids and
+        position_ids (B, 1); cache per layer (keys, values) (B, nh, L, hs) whose column c holds
+        position c, of which each row sees the columns before its position. Returns the
+        logits (B, V) and each layer's new (key, value) (B, nh, 1, hs), for column position_ids."""
+        x = self.tok_emb(input_ids) + self.pos_emb[0][position_ids]  # (B, 1, E)
+        L = cache[0][0].shape[2]
+        visible = (torch.arange(L, device=x.device)[None, :] < position_ids)[:, None, None, :]  # (B, 1, 1, L)
+        new: KVCache = []
+        for block, (keys, values) in zip(self.blocks, cache):
+            a, kv = block.attn.step_over_cache(block.ln1(x), keys, values, visible)
+            x = x + a
+            x = x + block.mlp(block.ln2(x))
+            new.append(kv)
+        return self.head(self.ln_f(x[:, 0])), new
 
     @staticmethod
     def _step_mask(attention_mask, past, B: int, L: int, device) -> torch.Tensor:

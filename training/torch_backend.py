@@ -3,7 +3,6 @@
 entry point of `v2t.backends` (pyproject.toml), so the ONNX Runtime path never imports torch."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 
 from v2t_engine.errors import ConfigError
 from v2t_engine.inputs.preprocess import normalize
-from v2t_engine.runtime.contract import DecoderInputs
 
 from .checkpoint import is_checkpoint, load_model
 
@@ -31,6 +29,7 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.precision = "fp32"
+        self.xp = np
         model, self.tokenizer = load_model(checkpoint_dir, map_location=self.device)
         self.model = model.eval()
         self.config = model.cfg
@@ -44,18 +43,26 @@ class TorchBackend:
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        if frames.dtype == np.uint8:
-            frames = normalize(frames)
-        return self.model.first_stage_model(self._t(frames)).float().cpu().numpy()
+        if frames.dtype != np.uint8:
+            raise TypeError(f"encode_frames takes uint8 crops, got {frames.dtype}")
+        return self.model.first_stage_model(self._t(normalize(frames))).float().cpu().numpy()
+
+    # The reference favours plain code over speed: the model allocates, the results are copied.
+    @torch.inference_mode()
+    def prefill(self, prefix: np.ndarray, logits: np.ndarray, kv_out) -> None:
+        x = self._t(prefix)
+        out, present = self.model.transformer(torch.zeros(x.shape[0], 0, dtype=torch.long, device=self.device),
+                                              prefix_embeds=x, last_only=True)
+        self._copy_out(out, present, logits, kv_out)
 
     @torch.inference_mode()
-    def decoder_step(self, inputs: DecoderInputs, past: Sequence[np.ndarray],
-                     present: Sequence[np.ndarray]) -> np.ndarray:
-        # The reference favours plain code over speed: the model allocates, the result is copied.
-        pairs = [(self._t(past[2 * i]), self._t(past[2 * i + 1])) for i in range(len(past) // 2)]
-        logits, cache = self.model.transformer(
-            self._t(inputs.input_ids), self._t(inputs.prefix_embeds), self._t(inputs.position_ids),
-            self._t(inputs.attention_mask), pairs, last_only=True)
-        for dst, src in zip(present, (t for kv in cache for t in kv)):
+    def decode(self, input_ids: np.ndarray, position_ids: np.ndarray, cache, logits: np.ndarray, kv_out) -> None:
+        pairs = [(self._t(cache[2 * i]), self._t(cache[2 * i + 1])) for i in range(len(cache) // 2)]
+        out, new = self.model.transformer.decode(self._t(input_ids), self._t(position_ids), pairs)
+        self._copy_out(out, new, logits, kv_out)
+
+    @staticmethod
+    def _copy_out(out: torch.Tensor, kv, logits: np.ndarray, kv_out) -> None:
+        logits[...] = out.float().cpu().numpy()
+        for dst, src in zip(kv_out, (t for pair in kv for t in pair)):
             dst[...] = src.float().cpu().numpy()
-        return logits.float().cpu().numpy()

@@ -23,9 +23,9 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 # normalize() as a lookup table: uint8 has only 256 values per channel, so the float64 result of
 # ((v / 255) - mean) / std is computed once and rounded to float32 once. That is as exact as
 # float32 can be, and faster than arithmetic on every pixel.
-_LUT = ((np.arange(256, dtype=np.float64)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None])
+NORMALIZE_TABLE = ((np.arange(256, dtype=np.float64)[None, :] / 255.0 - np.array(CLIP_MEAN)[:, None])
         / np.array(CLIP_STD)[:, None]).astype(np.float32)  # (3, 256)
-_LUT.setflags(write=False)
+NORMALIZE_TABLE.setflags(write=False)
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"normalize expects shape (..., 3, S, S), got {pixels.shape}")
     out = np.empty(pixels.shape, dtype=np.float32)
     for c in range(3):
-        out[..., c, :, :] = _LUT[c][pixels[..., c, :, :]]
+        out[..., c, :, :] = NORMALIZE_TABLE[c][pixels[..., c, :, :]]
     return out
 
 

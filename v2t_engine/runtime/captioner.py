@@ -58,7 +58,7 @@ class Captioner:
 
     def caption_stream(self, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions = SearchOptions(),
                        text_len: int | None = None, slots: int = 8) -> Iterator[tuple[Any, list[str]]]:
-        """(key, pixels (F, 3, S, S) uint8 crops or CLIP-normalized) → (key, captions) in the order captions
+        """(key, pixels (F, 3, S, S) uint8 crops) → (key, captions) in the order captions
         finish, with continuous batching of `slots` videos at a time (generator.py): each takes
         opts.rows_per_video decoder rows (1 greedy, num_return sampled, num_beams beams).
         opts.seed keys the sampling. Videos are read lazily, as slots free up."""

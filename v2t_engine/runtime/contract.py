@@ -4,11 +4,20 @@ This module is the only place where tensor names are spelled. Export (names, dyn
 example inputs), validation, the manifest and every runtime backend read these specs, and each
 backend checks the graphs it loads against them; nothing finds a tensor by sniffing its name.
 
-Decoder graph, one for every step:
-  prefix step : input_ids (B, 0), prefix_embeds (B, F, E), empty past (B, nh, 0, hs)
-  token step  : input_ids (B, 1), prefix_embeds (B, 0, E), past from the previous step
-KV tensors follow the usual naming: ``past_key_values.{i}.key|value`` in,
-``present.{i}.key|value`` out; a present is the past with this step's keys appended.
+Three graphs:
+  frame_encoder : uint8 crops (N, 3, S, S) → one embedding per frame. CLIP normalisation is the
+                  graph's first op (a 768-entry table, the one ``preprocess.normalize`` uses), so
+                  frames cross to the device as a quarter of the bytes and captions are unchanged.
+  prefill       : each video's frame embeddings (B, F, E) → the logits of its first token and
+                  the frames' keys/values, ``kv_out.{i}.key|value`` (B, nh, F, hs).
+  decode        : one token per row at its position, over a fixed-length KV buffer
+                  ``cache.{i}.key|value`` (B, nh, cache_len, hs) in which a row's column c holds
+                  position c. The graph only reads the buffer: it attends to the columns before
+                  each row's position plus this step's own key, and returns that key/value as
+                  ``kv_out.*`` (B, nh, 1, hs) for the runtime to write into column ``position``
+                  of the same buffer. No shape grows from step to step; batch is the only axis
+                  that changes during a job (cache_len is fixed by the runtime for its slots), so
+                  a CUDA graph or a TensorRT profile is made once per batch bucket.
 """
 from __future__ import annotations
 
@@ -21,7 +30,8 @@ from ..config import ModelConfig
 from ..errors import ArtifactError
 
 ENCODER_FILE = "frame_encoder.onnx"
-DECODER_FILE = "decoder.onnx"
+PREFILL_FILE = "prefill.onnx"
+DECODE_FILE = "decode.onnx"
 MANIFEST_FILE = "manifest.json"
 
 # Tensor names.
@@ -30,20 +40,16 @@ FRAME_EMBEDS = "frame_embeds"
 INPUT_IDS = "input_ids"
 PREFIX_EMBEDS = "prefix_embeds"
 POSITION_IDS = "position_ids"
-ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
 
 # Symbolic axis names. An int in a shape is a fixed size.
 BATCH = "batch"
 NUM_FRAMES = "num_frames"
-NEW_TOKENS = "new_tokens"
 PREFIX_LEN = "prefix_len"
-STEP_LEN = "step_len"  # prefix_len + new_tokens
-PAST_LEN = "past_len"
-TOTAL_LEN = "total_len"  # past_len + step_len
+CACHE_LEN = "cache_len"
 
 # How example inputs are filled (TensorSpec.fill).
-NORMAL, TOKENS, POSITIONS, ONES = "normal", "tokens", "positions", "ones"
+NORMAL, TOKENS, POSITIONS, PIXELS = "normal", "tokens", "positions", "pixels"
 
 
 @dataclass(frozen=True)
@@ -61,15 +67,14 @@ class TensorSpec:
 
     def example(self, sizes: Mapping[str, int], rng: np.random.Generator, vocab_size: int) -> np.ndarray:
         """A valid value of this tensor for the axis sizes given: token ids in the vocabulary,
-        positions that continue after the past, an all-ones mask, or standard normal values."""
+        positions inside the cache, pixels, or standard normal values."""
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
         if self.fill == TOKENS:
             return rng.integers(0, vocab_size, shape).astype(self.dtype)
-        if self.fill == POSITIONS:
-            start = sizes.get(PAST_LEN, 0)
-            return np.broadcast_to(np.arange(start, start + shape[-1]), shape).astype(self.dtype)
-        if self.fill == ONES:
-            return np.ones(shape, self.dtype)
+        if self.fill == POSITIONS:  # where a row's token goes: a column of the cache
+            return rng.integers(0, sizes[CACHE_LEN], shape).astype(self.dtype)
+        if self.fill == PIXELS:
+            return rng.integers(0, 256, shape).astype(self.dtype)
         return rng.standard_normal(shape).astype(self.dtype)
 
     def check(self, dtype: str, shape: Sequence[int | str | None], where: str) -> None:
@@ -128,79 +133,62 @@ class GraphContract:
                                     f"{', '.join(sorted(by_name))}")
 
 
-def past_names(n_layer: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+def cache_names(n_layer: int) -> list[str]:
+    """The decode graph's KV buffer inputs, layer-major, key first."""
+    return [f"cache.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
 
 
-def present_names(n_layer: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+def kv_out_names(n_layer: int) -> list[str]:
+    """The keys/values a prefill or decode computed, in cache_names' order."""
+    return [f"kv_out.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
 
 
 def encoder_contract(cfg: ModelConfig) -> GraphContract:
-    """Frames (already CLIP-normalized) → one embedding per frame."""
+    """uint8 crops (``preprocess.crop_frame``) → one embedding per frame."""
     return GraphContract(
         "frame_encoder",
-        inputs=(TensorSpec(FRAMES, "float32", (NUM_FRAMES, 3, cfg.img_size, cfg.img_size)),),
+        inputs=(TensorSpec(FRAMES, "uint8", (NUM_FRAMES, 3, cfg.img_size, cfg.img_size), PIXELS),),
         outputs=(TensorSpec(FRAME_EMBEDS, "float32", (NUM_FRAMES, cfg.n_embd)),),
     )
 
 
-def decoder_contract(cfg: ModelConfig) -> GraphContract:
-    kv_past = (BATCH, cfg.n_head, PAST_LEN, cfg.head_dim)
-    kv_present = (BATCH, cfg.n_head, TOTAL_LEN, cfg.head_dim)
+def prefill_contract(cfg: ModelConfig) -> GraphContract:
+    """Frame embeddings at positions 0..F-1 → first-token logits and the frames' keys/values."""
+    kv = (BATCH, cfg.n_head, PREFIX_LEN, cfg.head_dim)
     return GraphContract(
-        "decoder",
+        "prefill",
+        inputs=(TensorSpec(PREFIX_EMBEDS, "float32", (BATCH, PREFIX_LEN, cfg.n_embd)),),
+        outputs=(TensorSpec(LOGITS, "float32", (BATCH, cfg.vocab_size)),
+                 *(TensorSpec(n, "float32", kv) for n in kv_out_names(cfg.n_layer))),
+    )
+
+
+def decode_contract(cfg: ModelConfig) -> GraphContract:
+    """One token per row at its position over the fixed-length KV buffer (module docstring)."""
+    cache = (BATCH, cfg.n_head, CACHE_LEN, cfg.head_dim)
+    new = (BATCH, cfg.n_head, 1, cfg.head_dim)
+    return GraphContract(
+        "decode",
         inputs=(
-            TensorSpec(INPUT_IDS, "int64", (BATCH, NEW_TOKENS), TOKENS),
-            TensorSpec(PREFIX_EMBEDS, "float32", (BATCH, PREFIX_LEN, cfg.n_embd)),
-            TensorSpec(POSITION_IDS, "int64", (BATCH, STEP_LEN), POSITIONS),
-            TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_LEN), ONES),
-            *(TensorSpec(n, "float32", kv_past) for n in past_names(cfg.n_layer)),
+            TensorSpec(INPUT_IDS, "int64", (BATCH, 1), TOKENS),
+            TensorSpec(POSITION_IDS, "int64", (BATCH, 1), POSITIONS),
+            *(TensorSpec(n, "float32", cache) for n in cache_names(cfg.n_layer)),
         ),
         outputs=(
-            # Only the last position's logits: generation never needs the others.
             TensorSpec(LOGITS, "float32", (BATCH, cfg.vocab_size)),
-            *(TensorSpec(n, "float32", kv_present) for n in present_names(cfg.n_layer)),
+            *(TensorSpec(n, "float32", new) for n in kv_out_names(cfg.n_layer)),
         ),
         cache_inputs=2 * cfg.n_layer,
     )
 
 
-def decoder_sizes(batch: int, new_tokens: int, prefix_len: int, past_len: int) -> dict[str, int]:
-    """Every decoder axis from the four free ones."""
-    step = prefix_len + new_tokens
-    return {BATCH: batch, NEW_TOKENS: new_tokens, PREFIX_LEN: prefix_len, STEP_LEN: step,
-            PAST_LEN: past_len, TOTAL_LEN: past_len + step}
+def graph_contracts(cfg: ModelConfig) -> tuple[GraphContract, GraphContract, GraphContract]:
+    """Every graph of an export, in manifest order."""
+    return encoder_contract(cfg), prefill_contract(cfg), decode_contract(cfg)
 
 
-@dataclass(frozen=True)
-class DecoderInputs:
-    """One decoder call's inputs besides the cache, as numpy arrays."""
-
-    input_ids: np.ndarray  # (B, new_tokens) int64
-    prefix_embeds: np.ndarray  # (B, prefix_len, E) float32
-    position_ids: np.ndarray  # (B, step_len) int64
-    attention_mask: np.ndarray  # (B, total_len) int64; 0 hides a cache column from the row
-
-    @classmethod
-    def prefix_step(cls, prefix: np.ndarray) -> "DecoderInputs":
-        """The frames of each video (B, F, E) at positions 0..F-1, from an empty past."""
-        B, F, _ = prefix.shape
-        return cls(np.zeros((B, 0), np.int64), prefix.astype(np.float32, copy=False),
-                   np.tile(np.arange(F, dtype=np.int64), (B, 1)), np.ones((B, F), np.int64))
-
-    @classmethod
-    def token_step(cls, tokens: np.ndarray, positions: np.ndarray, attention_mask: np.ndarray,
-                   n_embd: int) -> "DecoderInputs":
-        """One token per row (B, 1) at its position (B, 1), with no frames."""
-        B = tokens.shape[0]
-        return cls(tokens, np.zeros((B, 0, n_embd), np.float32), positions, attention_mask)
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        """By contract name, in contract order."""
-        return {INPUT_IDS: self.input_ids, PREFIX_EMBEDS: self.prefix_embeds,
-                POSITION_IDS: self.position_ids, ATTENTION_MASK: self.attention_mask}
-
-    @classmethod
-    def from_feeds(cls, feeds: Mapping[str, np.ndarray]) -> "DecoderInputs":
-        return cls(feeds[INPUT_IDS], feeds[PREFIX_EMBEDS], feeds[POSITION_IDS], feeds[ATTENTION_MASK])
+def cache_len(cfg: ModelConfig, frame_num: int | None = None, max_new_tokens: int | None = None) -> int:
+    """Columns of the KV buffer: every frame and every caption token has one (a caption's last
+    token is never fed back, but a column for it keeps positions and columns equal)."""
+    return (cfg.frame_num if frame_num is None else frame_num) + (
+        cfg.text_len if max_new_tokens is None else max_new_tokens)

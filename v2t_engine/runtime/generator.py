@@ -34,12 +34,12 @@ import numpy as np
 
 from .backends.base import Backend
 from .search import BeamSearch, SearchOptions, adjust_logits, select_tokens, step_beams
-from .slot_decoder import HostSlotDecoder, SlotDecoder
+from .slot_decoder import BoundSlotDecoder, SlotDecoder
 from .state import SlotState
 
 
 def encode_videos(backend: Backend, pixels: np.ndarray) -> np.ndarray:
-    """pixels (B, F, 3, S, S), uint8 crops or CLIP-normalized float32 → prefix embeddings (B, F, E),
+    """pixels (B, F, 3, S, S) uint8 crops → prefix embeddings (B, F, E),
     as the backend returns them (a GPU backend may keep them on the device)."""
     B, F = pixels.shape[:2]
     emb = backend.encode_frames(np.ascontiguousarray(pixels.reshape(B * F, *pixels.shape[2:])))  # (B*F, E)
@@ -245,12 +245,12 @@ class CaptionGenerator:
 
 
 def make_slot_decoder(backend: Backend, slots: int, frame_num: int, max_new_tokens: int) -> SlotDecoder:
-    """The backend's own slot decoder (a GPU backend keeps its cache on the device), else the
-    host-memory cache over its decoder step."""
+    """The backend's own slot decoder where it has one (torch-fast), else the fixed-length cache
+    bound to its prefill and decode graphs, in the memory they run in."""
     make = getattr(backend, "slot_decoder", None)
     if make is not None:
         return make(slots, frame_num, max_new_tokens)
-    return HostSlotDecoder(backend, slots, frame_num, max_new_tokens)
+    return BoundSlotDecoder(backend, slots, frame_num, max_new_tokens)
 
 
 def stream_captions(backend: Backend, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions,

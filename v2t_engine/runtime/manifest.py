@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from .contract import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, decoder_contract, encoder_contract
+from .contract import DECODE_FILE, ENCODER_FILE, MANIFEST_FILE, PREFILL_FILE, graph_contracts
 from ..errors import ArtifactError, ConfigError
 from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
 
 FORMAT = "v2t-onnx"
-FORMAT_VERSION = 1
+# 2: the prefill/decode pair over a fixed-length KV buffer, and uint8 frames into the encoder.
+FORMAT_VERSION = 2
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -27,8 +28,9 @@ class Manifest:
     config: ModelConfig
     opset: int
     precision: str = "fp32"
-    encoder_file: str = ENCODER_FILE
-    decoder_file: str = DECODER_FILE
+    # graph name (contract.GraphContract.name) → its file in the directory
+    graph_files: dict[str, str] = field(default_factory=lambda: {
+        "frame_encoder": ENCODER_FILE, "prefill": PREFILL_FILE, "decode": DECODE_FILE})
     tokenizer_file: str = TOKENIZER_FILE
     validation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -47,8 +49,8 @@ class Manifest:
         """This manifest with the sizes and SHA-256 of its graphs (and their weight side files)
         and tokenizer in `directory`."""
         directory = Path(directory)
-        names = [self.encoder_file, self.decoder_file, self.tokenizer_file]
-        names += [n + ".data" for n in names[:2] if (directory / (n + ".data")).is_file()]
+        graphs = list(self.graph_files.values())
+        names = graphs + [self.tokenizer_file] + [n + ".data" for n in graphs if (directory / (n + ".data")).is_file()]
         return dataclasses.replace(self, files={n: {"bytes": (directory / n).stat().st_size,
                                                     "sha256": _sha256(directory / n)} for n in names})
 
@@ -78,14 +80,15 @@ class Manifest:
             "source_checkpoint": self.source,
             "model_config": cfg.to_dict(),
             "graphs": {
-                contract.name: {"file": file, **contract.to_dict()}
-                for contract, file in ((encoder_contract(cfg), self.encoder_file),
-                                       (decoder_contract(cfg), self.decoder_file))
+                contract.name: {"file": self.graph_files[contract.name], **contract.to_dict()}
+                for contract in graph_contracts(cfg)
             },
             "preprocessing": {
                 "img_size": cfg.img_size, "frame_num": cfg.frame_num,
                 "resize": "shorter side to img_size, bicubic", "crop": "center img_size",
                 "color": "RGB", "scale": 1 / 255, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+                # The frame encoder takes the uint8 crop and normalizes it itself.
+                "normalized_by": "frame_encoder",
             },
             "special_tokens": {"pad_id": cfg.pad_id, "end_id": cfg.pad_id},
             "generation": {"max_new_tokens": cfg.text_len},
@@ -120,20 +123,20 @@ class Manifest:
         try:
             config = ModelConfig.from_dict(data["model_config"])
             graphs = data["graphs"]
-            for contract in (encoder_contract(config), decoder_contract(config)):
+            for contract in graph_contracts(config):
                 declared = {k: graphs[contract.name][k] for k in ("inputs", "outputs")}
                 if declared != contract.to_dict():
                     raise ArtifactError(f"{path}: the {contract.name} graph's declared inputs and outputs "
                                         "differ from this v2t's contract; re-export with this v2t")
             manifest = cls(config=config, opset=data["opset"], precision=data.get("precision", "fp32"),
-                           encoder_file=graphs["frame_encoder"]["file"], decoder_file=graphs["decoder"]["file"],
+                           graph_files={c.name: graphs[c.name]["file"] for c in graph_contracts(config)},
                            tokenizer_file=data["tokenizer"], validation=data.get("validation", {}),
                            source=data.get("source_checkpoint", ""), files=data.get("files", {}))
         except KeyError as err:
             raise ArtifactError(f"{path} lacks the entry {err}; re-export with this v2t") from None
         except ConfigError as err:
             raise ArtifactError(f"{path}: {err}") from None
-        for name in (manifest.encoder_file, manifest.decoder_file, manifest.tokenizer_file):
+        for name in (*manifest.graph_files.values(), manifest.tokenizer_file):
             if not (directory / name).is_file():
                 raise ArtifactError(f"{directory / name} is missing (listed in {path})")
         manifest.check_files(directory, verify)

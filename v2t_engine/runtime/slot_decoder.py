@@ -1,17 +1,23 @@
 """The decoder side of a pool of caption slots: the KV cache, wherever it lives, and the steps.
 
 The generator (generator.py) decides which slot holds which caption and which token each caption
-takes next; a ``SlotDecoder`` holds the slots' KV cache and runs the decoder over it. Keeping the
-two apart lets a backend keep its cache where its graphs run: ``HostSlotDecoder`` keeps it in host
-memory and runs the contract's decoder graph (``Backend.decoder_step``, ONNX Runtime on CPU and the
-PyTorch reference), while a GPU backend keeps a fixed-length cache on the device, writes each new
-column in place, replays a captured CUDA graph per batch bucket, and sends back only what a search
-asks for (token ids for greedy rows, logits for the others).
+takes next; a ``SlotDecoder`` holds the slots' KV cache and runs the decoder over it.
+
+The cache is one fixed-length buffer per cache tensor, ``(slots, nh, cache_len, hs)``, in which
+a row's column c holds position c (contract.py). A prefill writes a video's frames into columns
+``[0, F)``; each step feeds every live row its last token at its position and writes the
+returned key/value into that column, in place. Nothing is ever compacted or reallocated, and a
+row never reads a column at or past its position, so whatever an earlier video left there is
+harmless. ``BoundSlotDecoder`` keeps these buffers wherever the backend's graphs run (host numpy
+for ONNX Runtime on the CPU, device arrays for a GPU runtime) and binds views of them to the
+graphs; a backend with its own way (``torch-fast``'s CUDA graphs over PyTorch buffers) brings its
+own ``SlotDecoder``.
 
 Every method takes slot indices as numpy int64 arrays. Only the rows ``[0, active)`` with
-``active = 1 + the highest live slot`` are stepped, so a lightly loaded pool costs what its live
-captions cost; new videos take the lowest free slots (``SlotState.free`` is sorted), which keeps
-the live rows packed at the front.
+``active = 1 + the highest live slot`` are stepped (rounded up to a batch bucket where the backend
+captures a graph per shape), so a lightly loaded pool costs what its live captions cost; new
+videos take the lowest free slots (``SlotState.free`` is sorted), which keeps the live rows packed
+at the front, and the first ``n`` rows of a ``(slots, ...)`` buffer are one contiguous block.
 """
 from __future__ import annotations
 
@@ -19,8 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .contract import DecoderInputs
-from .kv_cache import SlotCache
+from .contract import cache_len
 
 
 class SlotDecoder(Protocol):
@@ -54,76 +59,78 @@ def active_rows(live: np.ndarray) -> int:
     return int(idx[-1]) + 1 if len(idx) else 0
 
 
-def cache_slack(span: int) -> int:
-    """Columns beyond the longest caption's span before the host cache is compacted. Every step
-    reads all columns, masked ones included (measured: +10 % step time from 36 to 72 columns at 32
-    slots), and each compaction copies the cache once: a quarter span keeps both small."""
-    return max(4, span // 4)
+def bucket(active: int, slots: int) -> int:
+    """Rows to run for `active` live rows where a graph is captured per batch shape: the next
+    power of two, at most `slots`, so a few shapes cover every load at under 2x the rows needed."""
+    return min(slots, 1 << max(0, active - 1).bit_length())
 
 
-class HostSlotDecoder:
-    """The KV cache in host memory (kv_cache.SlotCache) and ``Backend.decoder_step`` over it.
+def to_host(xp, array) -> np.ndarray:
+    """An array of the array module `xp` (numpy, or a device module such as CuPy) in host memory."""
+    return array if xp is np else xp.asnumpy(array)
 
-    Every row shares the cache's column axis: a slot's video occupies the columns ``[start, S)``,
-    the columns before ``start`` belong to earlier videos and are hidden from the row by the
-    attention mask, and positions count from ``start``, so a row's logits do not depend on what the
-    other slots hold. Each step adds one column to every row; when the cache is full, the columns
-    no live row reads are dropped (``SlotCache.compact``)."""
+
+class BoundSlotDecoder:
+    """The fixed-length KV buffers in the memory of the backend's graphs, bound to its prefill
+    and decode (``Backend.prefill`` / ``Backend.decode``): ``backend.xp`` is the array module of
+    that memory. Only the token ids of greedy rows leave it each step, unless a search asks for
+    logits."""
 
     def __init__(self, backend, slots: int, frame_num: int, max_new_tokens: int):
-        cfg = backend.config
-        self.backend, self.slots, self.frame_num = backend, slots, frame_num
-        span = frame_num + max_new_tokens
-        self.cache = SlotCache(2 * cfg.n_layer, slots, cfg.n_head, cfg.head_dim, span + cache_slack(span),
-                               length=frame_num)
-        self.start = np.full(slots, frame_num, np.int64)  # first cache column of each slot's video
-        self._live = np.zeros(slots, bool)  # rows holding a caption, as of the last prefill or step
-        self._logits = np.zeros((slots, cfg.vocab_size), np.float32)
+        cfg, xp = backend.config, backend.xp
+        self.backend, self.xp, self.slots, self.frame_num = backend, xp, slots, frame_num
+        self.cache_len = cache_len(cfg, frame_num, max_new_tokens)
+        # A row's position is fed to the graph clamped to the position table, for rows whose
+        # caption ran to the length limit and are no longer live (they write nothing).
+        self.max_pos = min(self.cache_len, cfg.block_size) - 1
+        shape = (slots, cfg.n_head, self.cache_len, cfg.head_dim)
+        # Zeros, not empty: a column no row may see still gets attention weight exactly 0, and
+        # 0 * NaN from uninitialised memory would poison the row.
+        self.cache = [xp.zeros(shape, np.float32) for _ in range(2 * cfg.n_layer)]
+        self.new = [xp.zeros((slots, cfg.n_head, 1, cfg.head_dim), np.float32) for _ in self.cache]
+        self.out = xp.zeros((slots, cfg.vocab_size), np.float32)  # each row's latest logits
+        self.feed = xp.zeros((2, slots, 1), np.int64)  # token and position of each row
+        self.pos = np.zeros(slots, np.int64)  # columns each row holds, on the host
+        self.buckets = bool(getattr(backend, "batch_buckets", False))
 
-    def prefill(self, rows: np.ndarray, prefix: np.ndarray, source: np.ndarray) -> None:
-        cfg = self.backend.config
-        k, F, _ = prefix.shape
-        empty = np.zeros((k, cfg.n_head, 0, cfg.head_dim), np.float32)
-        kv = [np.empty((k, cfg.n_head, F, cfg.head_dim), np.float32) for _ in range(2 * cfg.n_layer)]
-        logits = self.backend.decoder_step(DecoderInputs.prefix_step(np.asarray(prefix)), [empty] * len(kv), kv)
-        self.cache.write_rows(rows, source, kv)
-        self.start[rows] = self.cache.length - F
-        self._live[rows] = True
-        self._logits[rows] = logits[source]
+    def prefill(self, rows: np.ndarray, prefix: Any, source: np.ndarray) -> None:
+        cfg, xp = self.backend.config, self.xp
+        k, n_frames, _ = prefix.shape
+        if n_frames != self.frame_num:
+            raise ValueError(f"videos have {n_frames} frames, the first ones had {self.frame_num}")
+        logits = xp.empty((k, cfg.vocab_size), np.float32)
+        kv = [xp.empty((k, cfg.n_head, n_frames, cfg.head_dim), np.float32) for _ in self.cache]
+        self.backend.prefill(xp.asarray(prefix, dtype=np.float32), logits, kv)
+        r, s = xp.asarray(rows), xp.asarray(source)
+        for dst, src in zip(self.cache, kv):
+            dst[r, :, :n_frames] = src[s]
+        self.out[r] = logits[s]
+        self.pos[rows] = n_frames
 
     def step(self, tokens: np.ndarray, live: np.ndarray) -> None:
-        self._live = live.copy()
         active = active_rows(live)
         if active == 0:
             return
-        if self.cache.length + 1 > self.cache.capacity:
-            first = int(self.start[live].min())
-            self.cache.compact(first)
-            self.start -= first
-        length = self.cache.length
-        # A row that is not live computes a throwaway token that sees only its own new column.
-        self.start[~live] = length
-        start = self.start[:active]
-        input_ids = np.where(live[:active], tokens[:active], self.backend.config.pad_id)[:, None]
-        positions = (length - start)[:, None]
-        mask = (np.arange(length + 1)[None, :] >= start[:, None]).astype(np.int64)  # (active, S+1)
-        inputs = DecoderInputs.token_step(input_ids, positions, mask, self.backend.config.n_embd)
-        # The first `active` rows of a (B, nh, S, hs) view are contiguous: the step reads and
-        # writes them in place. Rows past `active` hold no caption; the columns they would have
-        # gained are never read, since a new video's rows see only from its own start.
-        past = [t[:active] for t in self.cache.past()]
-        present = [t[:active] for t in self.cache.next_present()]
-        self._logits[:active] = self.backend.decoder_step(inputs, past, present)
-        self.cache.advance()
+        n = bucket(active, self.slots) if self.buckets else active
+        feed = np.stack([np.where(live[:n], tokens[:n], self.backend.config.pad_id),
+                         np.minimum(self.pos[:n], self.max_pos)])[:, :, None]
+        self.feed[:, :n] = self.xp.asarray(feed)
+        self.backend.decode(self.feed[0, :n], self.feed[1, :n], [t[:n] for t in self.cache], self.out[:n],
+                            [t[:n] for t in self.new])
+        rows = np.flatnonzero(live)
+        r, c = self.xp.asarray(rows), self.xp.asarray(self.pos[rows])
+        for dst, src in zip(self.cache, self.new):
+            dst[r, :, c] = src[r, :, 0]
+        self.pos[rows] += 1
 
     def copy_rows(self, rows: np.ndarray, source_rows: np.ndarray) -> None:
-        # Every column a source row reads is copied (from the earliest source start); the
-        # columns before it are masked for the rows that take them, so copying those is harmless.
-        self.cache.copy_rows(rows, source_rows, first_column=int(self.start[source_rows].min()))
-        self.start[rows] = self.start[source_rows]
+        r, s = self.xp.asarray(rows), self.xp.asarray(source_rows)
+        for t in self.cache:
+            t[r] = t[s]  # the gather on the right is a copy: sources are read first
+        self.pos[rows] = self.pos[source_rows]
 
     def logits(self, rows: np.ndarray) -> np.ndarray:
-        return self._logits[rows]
+        return to_host(self.xp, self.out[self.xp.asarray(rows)])
 
     def argmax(self, rows: np.ndarray) -> np.ndarray:
-        return self._logits[rows].argmax(axis=-1)
+        return to_host(self.xp, self.out[self.xp.asarray(rows)].argmax(axis=-1))

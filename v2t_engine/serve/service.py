@@ -32,7 +32,6 @@ import numpy as np
 
 from ..errors import ConfigError, ServiceClosed, ServiceOverloaded
 from ..inputs.frames import FrameSource, load_row_frames
-from ..inputs.preprocess import normalize
 from ..runtime.captioner import Captioner
 from ..runtime.generator import CaptionGenerator, refill_threshold
 from ..runtime.search import SearchOptions
@@ -59,7 +58,7 @@ class ServiceStats:
 
 @dataclass(eq=False)  # hashed by identity: the engine keeps a set of running requests
 class _Request:
-    pixels: np.ndarray  # (F, 3, S, S): uint8 crops, or float32 CLIP-normalized
+    pixels: np.ndarray  # (F, 3, S, S) uint8 crops
     opts: SearchOptions
     future: Future = field(default_factory=Future)
 
@@ -102,16 +101,13 @@ class CaptionService:
 
     def submit(self, pixels: np.ndarray, opts: SearchOptions | None = None) -> Future:
         """Queue one video: pixels (frame_num, 3, S, S), uint8 crops (`decode_frames`; the backend
-        normalizes them) or CLIP-normalized floats. The future's result is its list of
+        normalizes them). The future's result is its list of
         opts.num_return captions. ServiceOverloaded when the queue is full,
         ServiceClosed once `close` was called. Cancelling the future while it is queued
         withdraws the request."""
         opts = opts or SearchOptions()
         self._check(pixels, opts)
-        # uint8 stays uint8 (a quarter of the bytes, and the backend normalizes it); anything
-        # else is taken as normalized pixels.
-        dtype = np.uint8 if pixels.dtype == np.uint8 else np.float32
-        request = _Request(np.ascontiguousarray(pixels, dtype=dtype), opts)
+        request = _Request(np.ascontiguousarray(pixels), opts)
         with self._cond:
             if self._closing:
                 raise ServiceClosed("the caption service is shutting down")
@@ -165,6 +161,9 @@ class CaptionService:
         want = (cfg.frame_num, 3, cfg.img_size, cfg.img_size)
         if tuple(pixels.shape) != want:
             raise ConfigError(f"pixels have shape {tuple(pixels.shape)}, this model takes {want}")
+        if pixels.dtype != np.uint8:
+            raise ConfigError(f"pixels are {pixels.dtype}; the service takes uint8 crops (decode_frames), which "
+                              "the model normalizes itself")
         if self._gen.slots_needed(opts) > self.slots:
             raise ConfigError(f"these search options take {self._gen.slots_needed(opts)} decoder slots a video, "
                               f"the service has {self.slots}")
@@ -214,7 +213,7 @@ class CaptionService:
         gen = self._gen
         if batch:
             self._active.update(batch)
-            gen.add([(request, pixels, request.opts) for request, pixels in zip(batch, _one_form(batch))])
+            gen.add([(request, request.pixels, request.opts) for request in batch])
             self._stats.prefills += 1
         if gen.is_done():
             return
@@ -248,11 +247,3 @@ class CaptionService:
             request = self._queue.popleft()
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(err)
-
-
-def _one_form(batch: list[_Request]) -> list[np.ndarray]:
-    """The batch's pixels, all uint8 crops or all normalized floats: the generator stacks them into
-    one array, where a uint8 crop beside floats would become floats without being normalized."""
-    if len({request.pixels.dtype for request in batch}) == 1:
-        return [request.pixels for request in batch]
-    return [normalize(r.pixels) if r.pixels.dtype == np.uint8 else r.pixels for r in batch]

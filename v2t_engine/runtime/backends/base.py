@@ -1,26 +1,25 @@
 """What the generator needs from a backend, and how backends are found.
 
-A backend runs the two graphs of the contract (contract.py): the frame encoder, and one decoder
-step that reads the KV cache from the caller's ``past`` arrays and writes the extended cache into
-the caller's ``present`` arrays (kv_cache.py owns those buffers). Everything else (search, the
+A backend runs the three graphs of the contract (contract.py): the frame encoder, the prefill
+over a batch of videos' frame embeddings, and the decode step over the fixed-length KV buffer.
+``slot_decoder.BoundSlotDecoder`` owns the buffers, in the array module ``xp`` of the memory the
+backend's graphs run in, and hands the backend views of them. Everything else (search, the
 generator, detokenizing) is shared by all backends.
 
-A backend whose decoder runs elsewhere than host memory (a GPU) also has
+A backend that steps its cache its own way (torch-fast's CUDA graphs) also has
 ``slot_decoder(slots, frame_num, max_new_tokens)``, which returns its own
-``slot_decoder.SlotDecoder``: the generator then leaves the KV cache with it. Without that method
-the generator keeps the cache in host memory and calls ``decoder_step`` (``HostSlotDecoder``).
+``slot_decoder.SlotDecoder``.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from ...config import ModelConfig
 from ...tokenizer import CaptionTokenizer
-from ..contract import DecoderInputs
 
 
 class Backend(Protocol):
@@ -29,6 +28,7 @@ class Backend(Protocol):
     config: ModelConfig
     tokenizer: CaptionTokenizer
     precision: str  # what it computes in: fp32, bf16, fp16 or an export's int8 variant
+    xp: Any  # the array module of the memory its decoder runs in: numpy, or a device module (CuPy)
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, verify: bool = False,
                  precision: str | None = None):
@@ -42,13 +42,17 @@ class Backend(Protocol):
         """True when `path` holds what this backend loads (its `auto` choice)."""
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """frames (N, 3, S, S): uint8 crops (``preprocess.crop_frame``), normalized by the
-        backend exactly as ``preprocess.normalize`` does, or float32 already CLIP-normalized →
-        embeddings (N, n_embd) float32. Uint8 is the production form: a quarter of the bytes to
-        move, and a GPU backend normalizes on the device."""
+        """frames (N, 3, S, S) uint8 crops (``preprocess.crop_frame``) → embeddings (N, n_embd)
+        float32 on the host. The backend normalizes them exactly as ``preprocess.normalize``
+        does, where its graphs run: a quarter of the bytes cross to a device."""
 
-    def decoder_step(self, inputs: DecoderInputs, past: Sequence[np.ndarray],
-                     present: Sequence[np.ndarray]) -> np.ndarray:
-        """One decoder step → last-position logits (B, V) float32. ``past``: (B, nh, S, hs) per
-        cache tensor, in contract order; ``present``: float32 C-contiguous arrays of
-        (B, nh, S + step_len, hs) that receive the extended cache."""
+    def prefill(self, prefix, logits, kv_out: Sequence) -> None:
+        """Each video's frame embeddings, prefix (B, F, E) float32 → the logits of its first
+        token into ``logits`` (B, V) and its frames' keys/values into ``kv_out`` (B, nh, F, hs)
+        per cache tensor, in contract order. Every argument is an ``xp`` array."""
+
+    def decode(self, input_ids, position_ids, cache: Sequence, logits, kv_out: Sequence) -> None:
+        """One token per row: input_ids and position_ids (B, 1) int64; ``cache`` (B, nh, L, hs)
+        per cache tensor, of which a row reads the columns before its position; writes the
+        logits (B, V) and the token's keys/values (B, nh, 1, hs) into ``logits`` and ``kv_out``.
+        Every argument is a C-contiguous ``xp`` array the caller owns."""
