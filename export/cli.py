@@ -6,6 +6,7 @@ import json
 import click
 
 from v2t_engine.cli.options import checkpoint_dir_option, easynlp_option
+from v2t_engine.runtime.tensorrt import DEFAULT_MAX_BATCH
 
 from v2t_export.exporter import FORMATS, export_checkpoint
 from v2t_export.quantize import PRECISIONS
@@ -30,16 +31,22 @@ from v2t_export.quantize import PRECISIONS
                      "often than on real videos.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where validation runs the exported graphs with ONNX Runtime (cuda needs "
-                   "onnxruntime-gpu).")
-def export_command(checkpoint_dir, output, fmt, precision, min_agreement, device):
+                   "onnxruntime-gpu). TensorRT engines are validated on the GPU they are built on.")
+@easynlp_option("max_batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
+                help="--format trt: the most decoder rows the engines run at once, which a job's slots "
+                     "must not exceed: predict's --micro_batch_size (times --num_beams, or the captions "
+                     "sampled per video).")
+def export_command(checkpoint_dir, output, fmt, precision, min_agreement, device, max_batch):
     """Export a training checkpoint to a frame-encoder graph and an incremental decoder graph with
-    a KV cache, validated against PyTorch (tensor differences and greedy tokens).
+    a KV cache, validated against PyTorch (tensor differences and greedy tokens). With --format trt,
+    also TensorRT engines built from those graphs for this machine's GPU and TensorRT, validated there.
 
     \b
     Example:
       v2t export --checkpoint_dir ck --format onnx --output ck_onnx
       v2t export --checkpoint_dir ck --output ck_int8 --precision int8_encoder
       v2t export --checkpoint_dir ck --output ck_bf16 --precision bf16 --device cuda
+      v2t export --checkpoint_dir ck --output ck_trt --format trt --precision fp16 --max_batch 256
     """
-    manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement, device)
+    manifest = export_checkpoint(checkpoint_dir, output, fmt, precision, min_agreement, device, max_batch)
     click.echo(f"exported to {output}; validation: {json.dumps(manifest.validation)}")

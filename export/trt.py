@@ -37,6 +37,14 @@ class EngineBuildError(V2TError):
     """TensorRT could not parse a graph or build an engine from it."""
 
 
+def check_trt_precision(precision: str) -> None:
+    """ConfigError for a precision TensorRT engines cannot be built in: said before any work."""
+    if precision not in TRT_PRECISIONS:
+        raise ConfigError(f"--format trt builds {', '.join(TRT_PRECISIONS)} exports, not {precision}: v2t's int8 "
+                          "precisions are ONNX Runtime's dynamic quantization, which TensorRT does not run "
+                          "(it needs Q/DQ nodes); use --format onnx for them")
+
+
 def check_can_build():
     """(tensorrt, this GPU), or the one-line refusal: no `tensorrt`, no CuPy, no GPU. Cheap enough
     to run before minutes of ONNX export."""
@@ -68,10 +76,7 @@ def build_engines(export_dir: str | Path, precision: str, max_batch: int, max_fr
     up to `max_batch` (the generator's slots) and up to `max_frames` frames per encoder call
     (default: a frame set for every slot). `reuse_timing_cache`: the timing cache of engines this
     build replaces (default: the one in `export_dir`, if any)."""
-    if precision not in TRT_PRECISIONS:
-        raise ConfigError(f"--format trt builds {', '.join(TRT_PRECISIONS)} exports, not {precision}: v2t's int8 "
-                          "precisions are ONNX Runtime's dynamic quantization, which TensorRT does not run "
-                          "(it needs Q/DQ nodes); use --format onnx for them")
+    check_trt_precision(precision)
     trt, gpu = check_can_build()
     export_dir = Path(export_dir)
     cfg, graph_files = _read_export(export_dir, precision)
@@ -86,7 +91,7 @@ def build_engines(export_dir: str | Path, precision: str, max_batch: int, max_fr
     for name, (onnx_file, engine_file) in engine_files(graph_files).items():
         log.info("building the TensorRT %s engine from %s", name, onnx_file)
         plan, timing = build_engine(trt, builder, logger, export_dir / onnx_file, profiles[name],
-                                    workspace_bytes, timing)
+                                    workspace_bytes, timing, tf32=precision != "fp32")
         write_atomically(export_dir / engine_file, plan)
         sources = [n for n in (onnx_file, onnx_file + ".data") if (export_dir / n).is_file()]
         records[name] = EngineRecord(engine_file, {n: file_sha256(export_dir / n) for n in sources}, profiles[name])
@@ -95,8 +100,10 @@ def build_engines(export_dir: str | Path, precision: str, max_batch: int, max_fr
 
 
 def build_engine(trt, builder, logger, onnx_path: Path, profile: Profile, workspace_bytes: int,
-                 timing: bytes) -> tuple[object, bytes]:
-    """(serialized engine, the timing cache afterwards) for the graph at `onnx_path`."""
+                 timing: bytes, tf32: bool = True) -> tuple[object, bytes]:
+    """(serialized engine, the timing cache afterwards) for the graph at `onnx_path`. `tf32`
+    False keeps fp32 matmuls in fp32: TensorRT's TF32 flag, on by default, rounds their inputs to
+    10-bit mantissas, and an fp32 export is validated to give PyTorch's greedy tokens exactly."""
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # reads a weight side file beside it too
@@ -108,6 +115,8 @@ def build_engine(trt, builder, logger, onnx_path: Path, profile: Profile, worksp
                             "re-export it with this v2t")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache = _timing_cache(config, timing)
     shapes = builder.create_optimization_profile()
     for name, r in profile.items():

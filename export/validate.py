@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from v2t_engine.runtime.backends.ort import OrtBackend, unsupported_precision
+from v2t_engine.runtime.backends.trt import TrtBackend
 from v2t_engine.inputs.preprocess import normalize
 from v2t_engine.runtime.contract import NUM_FRAMES, cache_len, encoder_contract
 from v2t_engine.errors import ConfigError, ExportValidationError
@@ -105,7 +106,7 @@ def _compare_decoder(model: VideoCaptioner, backend: OrtBackend, prefix: np.ndar
             "decoder_kv_cache": max(cache_diffs, key=lambda d: d[1])}
 
 
-def _compare_greedy(model: VideoCaptioner, backend: OrtBackend, pixels: np.ndarray) -> dict[str, Any]:
+def _compare_greedy(model: VideoCaptioner, backend, pixels: np.ndarray) -> dict[str, Any]:
     """Greedy captions end to end through the runtime's own generator vs PyTorch's reference."""
     t_tokens = model.generate_greedy(torch.from_numpy(normalize(pixels))).numpy()
     o_tokens = generate_candidates(backend, pixels, SearchOptions(), np.random.default_rng(0),
@@ -157,4 +158,29 @@ def validate_export(model: VideoCaptioner, export_dir: str | Path, precision: st
                         f"of positions, below the {min_agreement:.0%} required for {precision}")
     if problems:
         raise ExportValidationError(f"export in {export_dir} failed validation: " + "; ".join(problems))
+    return report
+
+
+@torch.no_grad()
+def validate_engines(model: VideoCaptioner, export_dir: str | Path, precision: str, seed: int = 0,
+                     n_videos: int = 4, min_agreement: float | None = None) -> dict[str, Any]:
+    """Greedy captions of the TensorRT engines in `export_dir` (the trt backend, on this GPU)
+    against the fp32 PyTorch model, on the random frames `validate_export` uses: the record for
+    the manifest's validation, or ExportValidationError below the precision's agreement. Runs
+    where engines were just built, so TensorRT, CuPy and the GPU are there."""
+    min_agreement = check_min_agreement(precision, min_agreement)
+    model = model.eval().float()
+    cfg = model.cfg
+    backend = TrtBackend(export_dir, device="cuda")
+    (frames,) = encoder_contract(cfg).example({NUM_FRAMES: n_videos * cfg.frame_num}, seed).values()  # uint8
+    report: dict[str, Any] = {"precision": precision, "validated": True, "gpu": backend.block.gpu_name,
+                              "min_greedy_agreement": min_agreement,
+                              **_compare_greedy(model, backend, frames.reshape(n_videos, cfg.frame_num,
+                                                                               *frames.shape[1:]))}
+    log.info("validation: TensorRT engines' greedy tokens agree with PyTorch's on %.1f%% of positions",
+             100 * report["greedy_token_agreement"])
+    if not report["greedy_token_agreement"] >= min_agreement:
+        raise ExportValidationError(f"TensorRT engines in {export_dir} failed validation: greedy tokens agree "
+                                    f"with PyTorch's on {report['greedy_token_agreement']:.1%} of positions, below "
+                                    f"the {min_agreement:.0%} required for {precision}")
     return report

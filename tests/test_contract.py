@@ -110,7 +110,7 @@ def test_bound_slot_decoder_steps_each_row_at_its_own_position_and_only_up_to_th
     backend = Recording(OrtBackend(random_export))
     cfg = backend.config
     dec = BoundSlotDecoder(backend, slots=4, frame_num=2, max_new_tokens=4)
-    assert dec.cache[0].shape == (4, cfg.n_head, 6, cfg.head_dim)  # frames + caption tokens: fixed
+    assert dec.kv.shape == (2 * cfg.n_layer, 4, cfg.n_head, 6, cfg.head_dim)  # frames + caption tokens: fixed
     prefix = np.random.default_rng(0).standard_normal((2, 2, cfg.n_embd)).astype(np.float32)
     dec.prefill(np.array([0, 2]), prefix, np.array([0, 1]))  # two videos' 2 frames fill columns 0..1
     assert dec.pos.tolist() == [2, 0, 2, 0]
@@ -119,12 +119,12 @@ def test_bound_slot_decoder_steps_each_row_at_its_own_position_and_only_up_to_th
     assert state.free.tolist() == [1, 3]
     ended = state.record(np.array([0, 2]), np.array([7, 0]))  # row 2 chose [PAD]: its caption ends
     assert ended.tolist() == [2] and state.live.tolist() == [True, False, False, False]
-    before = [t.copy() for t in dec.cache]
+    before = dec.kv.copy()
     dec.step(state.last_tokens(), state.live)
     ids, pos, cache_shape = backend.calls[-1]
     assert cache_shape[0] == 1  # rows after the last live one idle
     assert ids.tolist() == [[7]] and pos.tolist() == [[2]] and dec.pos.tolist() == [3, 0, 2, 0]
-    for old, new in zip(before, dec.cache):  # only row 0's column 2 was written, in place
+    for old, new in zip(before, dec.kv):  # only row 0's column 2 was written, in place
         changed = np.argwhere((old != new).any(axis=(1, 3)))
         assert changed.tolist() == [[0, 2]]
     state.begin(np.array([1]))  # a new video in the lowest free slot: rows 0..1 run

@@ -18,7 +18,7 @@ def backend(random_export):
 
 @pytest.fixture(scope="module")
 def pixels(test_pixels):
-    """(N, F, 3, S, S) normalized frames of the first held-out clips."""
+    """(N, F, 3, S, S) uint8 crops of the first held-out clips."""
     return test_pixels[:N_VIDEOS]
 
 
@@ -44,6 +44,15 @@ def test_continuous_batching_gives_one_at_a_time_greedy_tokens(backend, pixels, 
     # Captions of different lengths: slots are refilled while other captions still run.
     assert len(set(caption_lengths(alone, backend.config.pad_id).tolist())) > 1
     assert np.array_equal(caption_all(backend, pixels, slots=slots), alone)
+
+
+@pytest.mark.parametrize("opts", [SearchOptions(), SearchOptions(num_beams=3, num_return=2)], ids=["greedy", "beams"])
+def test_padded_batch_buckets_give_the_same_tokens(random_export, backend, pixels, opts):
+    """Where a backend runs a captured graph per batch size (ORT on CUDA), a step runs rows up to
+    the next power of two, idle rows included: those rows must change nothing."""
+    bucketed = OrtBackend(random_export)
+    bucketed.batch_buckets = True
+    assert np.array_equal(caption_all(bucketed, pixels, opts, slots=7), caption_all(backend, pixels, opts, slots=7))
 
 
 def test_ort_greedy_tokens_equal_pytorch_reference(random_checkpoint, backend, pixels):

@@ -6,6 +6,10 @@
   TensorRT, for another GPU, or from graphs that have changed since, each naming the command that
   rebuilds them.
 - ONNX Runtime's TensorRT provider options.
+- The wiring: the block in the manifest (engines and timing cache listed and size-checked), which
+  backend `auto` picks for a directory with engines on cpu and on cuda, `--backend trt`'s own
+  refusals, `--device tensorrt` (ONNX Runtime's provider), a decode graph of one cache length, and
+  `v2t export --format trt` around stand-ins for the builder and the GPU validation.
 - The one-line refusals of `build_engines` and `TrtBackend` where `tensorrt`, CuPy or a GPU is
   missing. Modules are made missing by putting None in sys.modules (then `import` fails), so the
   tests are real on a machine that has them too; where a test needs a TensorRT or CuPy to report
@@ -16,10 +20,12 @@ Tests marked gpu build engines from a real export and compare the TensorRT backe
 ONNX Runtime's; they skip where TensorRT and a CUDA GPU are missing (every machine of this
 project so far).
 """
+import dataclasses
 import importlib.util
 import json
 import shutil
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,6 +36,7 @@ from v2t_engine.errors import ArtifactError, ConfigError, MissingDependencyError
 from v2t_engine.runtime.contract import (BATCH, CACHE_LEN, DECODE_FILE, ENCODER_FILE, FRAMES, INPUT_IDS,
                                          MANIFEST_FILE, NUM_FRAMES, POSITION_IDS, PREFILL_FILE, PREFIX_EMBEDS,
                                          PREFIX_LEN, cache_len, cache_names, decode_contract, graph_contracts)
+from v2t_engine.runtime.manifest import Manifest
 from v2t_engine.runtime.tensorrt import (MANIFEST_KEY, TIMING_CACHE_FILE, EngineRecord, GpuIdentity, ShapeRange,
                                          TensorRTBlock, check_compatible, check_sources, default_bounds,
                                          engine_files, file_sha256, graph_profiles, ort_tensorrt_options,
@@ -284,21 +291,19 @@ def test_a_tensorrt_without_strong_typing_is_refused():
 
 @pytest.fixture
 def engine_dir(tmp_path):
-    """An export directory as `v2t export --format trt` leaves it, with stand-in graph and engine
-    bytes (the backend refuses it before it reads either)."""
+    """An export directory as `v2t export --format trt` leaves it, with stand-in graph, tokenizer
+    and engine bytes (the backend refuses it before it reads any of them)."""
     out = tmp_path / "exp"
     out.mkdir()
-    files, sources = {}, {}
+    sources = {}
     for name, (onnx, plan) in engine_files(GRAPH_FILES).items():
         (out / onnx).write_bytes(name.encode() * 10)
         (out / plan).write_bytes(b"plan")
-        digest = file_sha256(out / onnx)
-        files[onnx] = {"bytes": (out / onnx).stat().st_size, "sha256": digest}
-        sources[name] = {onnx: digest}
-    manifest = {"model_config": CFG.to_dict(), "tokenizer": "tokenizer.json", "precision": "fp16",
-                "source_checkpoint": "/ck", "graphs": {n: {"file": f} for n, f in GRAPH_FILES.items()},
-                "files": files, MANIFEST_KEY: block(sources).to_dict()}
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+        sources[name] = {onnx: file_sha256(out / onnx)}
+    (out / "tokenizer.json").write_text("{}")
+    (out / TIMING_CACHE_FILE).write_bytes(b"timings")
+    Manifest(config=CFG, opset=17, precision="fp16", source="/ck",
+             tensorrt=block(sources)).with_file_digests(out).save(out)
     return out
 
 
@@ -369,7 +374,8 @@ def test_backend_refuses_engines_whose_graphs_changed(monkeypatch, engine_dir):
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
-    (engine_dir / PREFILL_FILE).write_bytes(b"a re-exported graph")
+    # A graph re-exported from the same model: the same size, other bytes.
+    (engine_dir / PREFILL_FILE).write_bytes(b"P" * (engine_dir / PREFILL_FILE).stat().st_size)
     # The manifest's record still matches the engines: only hashing the file (verify) finds it.
     with pytest.raises(ArtifactError, match=f"{PREFILL_FILE}.*has changed.*--format trt"):
         TrtBackend(engine_dir, verify=True)
@@ -392,11 +398,254 @@ def test_backend_refuses_missing_engines_and_another_precision(monkeypatch, engi
     (engine_dir / "decode.plan").unlink()
     with pytest.raises(ArtifactError, match="decode.plan, the decode engine, is missing.*--format trt"):
         TrtBackend(engine_dir)
+    (engine_dir / "decode.plan").write_bytes(b"plan")
     manifest = json.loads((engine_dir / MANIFEST_FILE).read_text())
     del manifest[MANIFEST_KEY]["engines"]["prefill"]
     (engine_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="lists no engine for prefill.*--format trt"):
         TrtBackend(engine_dir)
+
+
+# ------------------------------------------------------------------ the manifest's TensorRT block
+def test_manifest_lists_the_engines_and_timing_cache_and_round_trips_the_block(engine_dir):
+    manifest = Manifest.load(engine_dir, verify=True)
+    assert manifest.tensorrt == block({name: {onnx: file_sha256(engine_dir / onnx)}
+                                       for name, onnx in GRAPH_FILES.items()})
+    for name in ("frame_encoder.plan", "prefill.plan", "decode.plan", TIMING_CACHE_FILE):
+        assert manifest.files[name]["bytes"] == (engine_dir / name).stat().st_size
+    data = json.loads((engine_dir / MANIFEST_FILE).read_text())
+    assert data[MANIFEST_KEY] == manifest.tensorrt.to_dict()
+    # Without engines the key is absent, not null.
+    plain = Manifest(config=CFG, opset=17)
+    assert MANIFEST_KEY not in plain.to_dict() and plain.tensorrt is None
+
+
+@pytest.mark.parametrize("broken", [None, [], {"tensorrt_version": "10"}])
+def test_a_malformed_block_fails_the_manifest_naming_its_file(engine_dir, broken):
+    write_manifest(engine_dir, **{MANIFEST_KEY: broken})
+    with pytest.raises(ArtifactError, match=f"{engine_dir / MANIFEST_FILE}: the {MANIFEST_KEY} block is malformed"):
+        Manifest.load(engine_dir)
+
+
+def test_a_truncated_engine_or_timing_cache_fails_the_load_naming_the_rebuild(engine_dir):
+    (engine_dir / "prefill.plan").write_bytes(b"pl")
+    with pytest.raises(ArtifactError, match=r"prefill.plan, the prefill engine, is 2 bytes, the manifest says 4: "
+                                            r"truncated or replaced; rebuild the engines: v2t export "
+                                            r"--checkpoint_dir /ck --format trt"):
+        Manifest.load(engine_dir)
+    (engine_dir / "prefill.plan").write_bytes(b"plan")
+    (engine_dir / TIMING_CACHE_FILE).unlink()
+    with pytest.raises(ArtifactError, match="the TensorRT timing cache, is missing"):
+        Manifest.load(engine_dir)
+
+
+def test_fixed_sizes_of_a_profile():
+    from v2t_engine.runtime.contract import encoder_contract
+    from v2t_engine.runtime.tensorrt import fixed_size
+
+    profiles = graph_profiles(CFG, BOUNDS)
+    assert fixed_size(decode_contract(CFG), profiles["decode"], CACHE_LEN) == cache_len(CFG)
+    assert fixed_size(decode_contract(CFG), profiles["decode"], BATCH) is None  # 1..16
+    assert fixed_size(encoder_contract(CFG), profiles["frame_encoder"], CACHE_LEN) is None  # no such axis
+
+
+# -------------------------------------------------------------- choosing the backend of a directory
+@pytest.fixture
+def onnx_and_engines(random_export, tmp_path):
+    """The random model's real ONNX export, with stand-in engines for 8 rows listed in its
+    manifest as `v2t export --format trt` lists them."""
+    out = tmp_path / "exp"
+    shutil.copytree(random_export, out)
+    manifest = Manifest.load(out)
+    cfg = manifest.config
+    profiles = graph_profiles(cfg, default_bounds(cfg, 8, 8 * cfg.frame_num))
+    engines = {}
+    for name, (onnx, plan) in engine_files(manifest.graph_files).items():
+        (out / plan).write_bytes(b"plan")
+        sources = [n for n in (onnx, onnx + ".data") if (out / n).is_file()]
+        engines[name] = EngineRecord(plan, {n: file_sha256(out / n) for n in sources}, profiles[name])
+    (out / TIMING_CACHE_FILE).write_bytes(b"timings")
+    trt_block = TensorRTBlock(TRT_VERSION, H100.name, H100.compute_capability, manifest.precision, engines)
+    dataclasses.replace(manifest, tensorrt=trt_block).with_file_digests(out).save(out)
+    return out
+
+
+class Chosen(Exception):
+    """What the stand-in TensorRT raises once the trt backend got past every check."""
+
+
+def runnable_tensorrt():
+    """A stand-in TensorRT that the trt backend's checks accept, and that raises Chosen where the
+    backend starts deserializing engines."""
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    def runtime(logger):
+        raise Chosen
+
+    return SimpleNamespace(__version__=TRT_VERSION, Logger=Logger, Runtime=runtime)
+
+
+def test_auto_runs_the_onnx_graphs_on_the_cpu_and_the_engines_on_cuda(monkeypatch, onnx_and_engines, test_pixels):
+    from v2t_engine.runtime.backends import load_backend
+
+    backend = load_backend(onnx_and_engines, device="cpu")
+    assert backend.name == "ort"  # the trt backend runs on cuda only: never tried here
+    assert greedy(backend, test_pixels[:2]).shape[0] == 2  # the graphs beside the engines still run
+    monkeypatch.setitem(sys.modules, "tensorrt", runnable_tensorrt())
+    cupy = fake_cupy()
+    cupy.cuda.Stream = lambda non_blocking: None
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    with pytest.raises(Chosen):
+        load_backend(onnx_and_engines, device="cuda")
+
+
+def test_auto_on_cuda_passes_over_engines_this_machine_cannot_run_and_says_why(monkeypatch, onnx_and_engines,
+                                                                              caplog):
+    from v2t_engine.runtime.backends import load_backend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0.35"))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
+    # ONNX Runtime's CUDA provider is next; this onnxruntime has none, so its refusal ends it.
+    with pytest.raises(ConfigError, match="--device cuda: this onnxruntime has no CUDAExecutionProvider"):
+        load_backend(onnx_and_engines, device="cuda")
+    assert "not running the TensorRT engines" in caplog.text and "TensorRT 10.9.0.34" in caplog.text
+
+
+def test_backend_trt_named_explicitly_gives_its_own_refusal(monkeypatch, onnx_and_engines, random_export):
+    from v2t_engine.runtime.backends import load_backend
+
+    with pytest.raises(ConfigError, match="runs TensorRT engines on an NVIDIA GPU: use --device cuda"):
+        load_backend(onnx_and_engines, backend="trt", device="cpu")
+    missing(monkeypatch, "tensorrt")
+    with pytest.raises(MissingDependencyError, match="`tensorrt` module.*--backend ort"):
+        load_backend(onnx_and_engines, backend="trt", device="cuda")
+    with pytest.raises(ArtifactError, match="holds no TensorRT engines: build them with `v2t export --format trt`"):
+        load_backend(random_export, backend="trt", device="cuda")
+
+
+def test_a_backend_named_for_a_device_it_does_not_run_on_is_refused(random_checkpoint):
+    from v2t_engine.runtime.backends import load_backend
+
+    with pytest.raises(ConfigError, match="--backend torch runs on --device cpu or cuda, not tensorrt"):
+        load_backend(random_checkpoint, backend="torch", device="tensorrt")
+
+
+# ------------------------------------------------------------------- ONNX Runtime's TRT provider
+def test_tensorrt_device_needs_the_provider(monkeypatch):
+    from v2t_engine.runtime.backends.ort import providers_for
+
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="--device tensorrt: this onnxruntime has no TensorrtExecutionProvider"):
+        providers_for("tensorrt")
+    monkeypatch.setattr("onnxruntime.get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    options = {"trt_fp16_enable": "False"}
+    assert providers_for("tensorrt", tensorrt_options=options) == [
+        ("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_tensorrt_device_takes_the_engines_profiles_or_the_defaults(onnx_and_engines, random_export, tmp_path):
+    from v2t_engine.runtime.backends.ort import tensorrt_setup
+    from v2t_engine.runtime.tensorrt import DEFAULT_MAX_BATCH, ORT_CACHE_DIR
+
+    manifest = Manifest.load(onnx_and_engines)
+    cfg = manifest.config
+    options, columns = tensorrt_setup(manifest, onnx_and_engines)
+    assert set(options) == set(manifest.graph_files) and columns == cache_len(cfg)
+    assert options["decode"] == ort_tensorrt_options(manifest.tensorrt.engines["decode"].profile,
+                                                     onnx_and_engines / ORT_CACHE_DIR)
+    assert options["decode"]["trt_profile_max_shapes"].startswith(f"{INPUT_IDS}:8x1,")
+    assert (onnx_and_engines / ORT_CACHE_DIR).is_dir()
+    plain = tmp_path / "plain"
+    shutil.copytree(random_export, plain)
+    options, columns = tensorrt_setup(Manifest.load(plain), plain)
+    assert options["decode"]["trt_profile_max_shapes"].startswith(f"{INPUT_IDS}:{DEFAULT_MAX_BATCH}x1,")
+    assert columns == cache_len(cfg)
+
+
+def test_a_session_that_fell_back_from_tensorrt_is_refused():
+    from v2t_engine.runtime.backends.ort import check_tensorrt_provider
+
+    session = SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="could not start its TensorRT provider.*--device cuda"):
+        check_tensorrt_provider(session, "decode.onnx")
+
+
+# ------------------------------------------------------------ a decode graph of one cache length
+def test_slot_decoder_allocates_a_backends_fixed_cache_length(random_export, test_pixels):
+    from v2t_engine.runtime.backends.ort import OrtBackend
+    from v2t_engine.runtime.slot_decoder import BoundSlotDecoder
+
+    backend = OrtBackend(random_export)
+    cfg, pixels = backend.config, test_pixels[:6]
+    want = greedy(backend, pixels)
+    backend.fixed_cache_len = cache_len(cfg) + 5  # more columns than captions need change nothing
+    assert BoundSlotDecoder(backend, 4, cfg.frame_num, cfg.text_len).cache_len == cache_len(cfg) + 5
+    assert np.array_equal(greedy(backend, pixels), want)
+    backend.fixed_cache_len = cache_len(cfg)
+    assert BoundSlotDecoder(backend, 4, cfg.frame_num, cfg.text_len - 3).cache_len == cache_len(cfg)
+    with pytest.raises(ConfigError, match=f"need {cache_len(cfg) + 1} KV cache columns, and the ort backend's "
+                                          f"decode graph has {cache_len(cfg)}: ask for captions of at most "
+                                          f"{cfg.text_len} tokens"):
+        BoundSlotDecoder(backend, 4, cfg.frame_num, cfg.text_len + 1)
+
+
+# ------------------------------------------------------------------- v2t export --format trt
+def test_export_refuses_int8_engines_before_any_work(tmp_path):
+    pytest.importorskip("torch")
+    from v2t_export.exporter import export_checkpoint
+
+    with pytest.raises(ConfigError, match="--format trt builds fp32, fp16, bf16 exports, not int8"):
+        export_checkpoint(tmp_path / "no-checkpoint", tmp_path / "out", "trt", "int8")
+
+
+def test_export_trt_builds_into_the_validated_export_and_lists_the_engines(monkeypatch, random_checkpoint,
+                                                                          tmp_path):
+    """The wiring of `v2t export --format trt` on the CPU: the builder and the GPU validation are
+    stand-ins (they need TensorRT); what the exporter does with them is real."""
+    pytest.importorskip("torch")
+    import v2t_export.exporter as exporter
+
+    calls = {}
+
+    def build(export_dir, precision, max_batch, reuse_timing_cache=None):
+        calls.update(graphs=sorted(p.name for p in Path(export_dir).glob("*.onnx")), max_batch=max_batch,
+                     reuse=reuse_timing_cache)
+        cfg = Manifest.load(export_dir).config
+        profiles = graph_profiles(cfg, default_bounds(cfg, max_batch, max_batch * cfg.frame_num))
+        records = {}
+        for name, (onnx, plan) in engine_files(Manifest.load(export_dir).graph_files).items():
+            (Path(export_dir) / plan).write_bytes(b"engine " + name.encode())
+            records[name] = EngineRecord(plan, {onnx: file_sha256(Path(export_dir) / onnx)}, profiles[name])
+        (Path(export_dir) / TIMING_CACHE_FILE).write_bytes(b"new timings")
+        return TensorRTBlock(TRT_VERSION, H100.name, H100.compute_capability, precision, records)
+
+    def validate(model, export_dir, precision, n_videos, min_agreement):
+        calls["validated"] = Manifest.load(export_dir).tensorrt is not None
+        return {"validated": True, "greedy_token_agreement": 1.0, "greedy_videos": n_videos}
+
+    monkeypatch.setattr(exporter, "check_can_build", lambda: None)
+    monkeypatch.setattr(exporter, "build_engines", build)
+    monkeypatch.setattr(exporter, "validate_engines", validate)
+    out = tmp_path / "trt"
+    out.mkdir()
+    (out / TIMING_CACHE_FILE).write_bytes(b"old timings")  # the engines this export replaces
+    manifest = exporter.export_checkpoint(random_checkpoint, out, "trt", "fp32", max_batch=2)
+    assert calls == {"graphs": [DECODE_FILE, ENCODER_FILE, PREFILL_FILE], "max_batch": 2,
+                     "reuse": out / TIMING_CACHE_FILE, "validated": True}
+    assert (out / TIMING_CACHE_FILE).read_bytes() == b"new timings"
+    assert manifest.validation["validated"] and manifest.validation["tensorrt"]["greedy_videos"] == 2
+    loaded = Manifest.load(out, verify=True)
+    assert loaded.tensorrt == manifest.tensorrt and "decode.plan" in loaded.files
+    assert loaded.validation == manifest.validation
+    from v2t_engine.runtime.backends import load_backend
+
+    assert load_backend(out).name == "ort"  # the ONNX graphs stay, and run
 
 
 # ------------------------------------------------------------------- GPU with TensorRT only
@@ -423,7 +672,7 @@ def trt_export(random_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "exp"
     shutil.copytree(random_export, out)
     built = build_engines(out, "fp32", max_batch=8)
-    write_manifest(out, **{MANIFEST_KEY: built.to_dict()})
+    dataclasses.replace(Manifest.load(out), tensorrt=built).with_file_digests(out).save(out)
     return out
 
 
@@ -473,3 +722,20 @@ def test_trt_decode_graph_replay_gives_the_eager_tokens(trt_export, synth_data):
     assert backend.batch_buckets and backend._graphs  # graphs were captured
     backend.cuda_graphs = False
     assert np.array_equal(greedy(backend, crops), replayed)
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_export_format_trt_then_predict_on_cuda_runs_the_engines(random_checkpoint, tmp_path):
+    from conftest import run_cli
+
+    from v2t_engine.runtime.captioner import Captioner
+
+    out = tmp_path / "trt"
+    run_cli(["export", "--checkpoint_dir", random_checkpoint, "--format", "trt", "--output", out, "--max_batch", 8])
+    manifest = Manifest.load(out, verify=True)
+    engines = manifest.validation["tensorrt"]
+    print(f"TensorRT fp32 engines: greedy agreement with PyTorch {engines['greedy_token_agreement']:.1%}")
+    assert engines["validated"] and engines["greedy_token_agreement"] == 1.0
+    assert Captioner.load(out, device="cuda").backend.name == "trt"
+    assert Captioner.load(out, device="cpu").backend.name == "ort"

@@ -266,7 +266,7 @@ def _read_parts(tables: Sequence[str], cluster: RayOptions) -> int:
 
 def _pipeline(checkpoint_dir: str, opts: PredictOptions, cfg: ModelConfig,
               load: dict, cluster: RayOptions) -> Iterator[dict]:
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if load["device"] == "cuda" else 0
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if load["device"] != "cpu" else 0
     actors = cluster.actors or max(1, gpus)
     cpus = cluster.actor_cpus or load["threads"] or 1
     # Reading is I/O: its tasks reserve no CPU, so a read task paused by backpressure never

@@ -137,6 +137,11 @@ checkpoint_dir_option = easynlp_option(
 micro_batch_size_option = easynlp_option(
     "micro_batch_size", default=8, show_default=True, type=click.IntRange(min=1),
     help="Videos per batch.")
+device_option = click.option(
+    "--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+    help="cuda: the GPU, running an export's TensorRT engines where this machine can (the trt backend), "
+         "else its ONNX graphs with ONNX Runtime's CUDA provider; tensorrt: the ONNX graphs with ONNX "
+         "Runtime's TensorRT provider (onnxruntime-gpu with TensorRT).")
 # Accepted for command-line compatibility with EasyNLP; v2t infers what they selected.
 app_name_option = easynlp_option("app_name", default="video2text_generation", hidden=True)
 mode_option = easynlp_option("mode", default=None, hidden=True)

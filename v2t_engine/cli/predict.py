@@ -6,8 +6,8 @@ import click
 from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN
 from ..jobs.predict import GEN_TEXT, OUTPUT_FORMATS, PREDICT_PARAMS
 from ..runtime.backends import backend_names
-from .options import (ColumnList, TableList, app_name_option, checkpoint_dir_option, compose, easynlp_option,
-                      exit_with_report, first_sequence_option, micro_batch_size_option, mode_option,
+from .options import (ColumnList, TableList, app_name_option, checkpoint_dir_option, compose, device_option,
+                      easynlp_option, exit_with_report, first_sequence_option, micro_batch_size_option, mode_option,
                       ShardSpec, schema_option, user_parameters_option)
 from .video import VIDEOS_HELP, video_options
 
@@ -66,8 +66,9 @@ resume_options = compose(
 @micro_batch_size_option
 @user_parameters_option(PREDICT_PARAMS)
 @click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto", show_default=True,
-              help="auto: ONNX Runtime for an export directory, PyTorch for a training checkpoint.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+              help="auto: for an export directory TensorRT where it holds engines this machine can run "
+                   "(--device cuda), else ONNX Runtime; PyTorch for a training checkpoint.")
+@device_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Compute precision of the torch-fast backend (default: bf16 on cuda, fp32 on cpu). An "
                    "export's precision is fixed when it is exported: given here, it must match.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import ArtifactError, ConfigError, import_optional
-from .options import checkpoint_dir_option, easynlp_option
+from .options import checkpoint_dir_option, device_option, easynlp_option
 
 SERVE_INSTALL = "pip install 'v2t[serve]'"
 
@@ -47,7 +47,7 @@ def _positive(kind):
 @easynlp_option("workers", type=_positive(int), default=2, show_default=True,
                 help="Threads decoding frames.")
 @click.option("--backend", default="auto", show_default=True, help="Backend name (see v2t predict --help).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option
 @click.option("--threads", type=_positive(int), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--verify", is_flag=True, help="Check the SHA-256 of every export file before serving.")
 @click.option("--access_log", "--access-log", is_flag=True, help="Log every request (uvicorn's access log).")

@@ -29,9 +29,10 @@ class Captioner:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "cpu",
              threads: int | None = None, verify: bool = False, precision: str | None = None) -> "Captioner":
-        """An export directory runs on ONNX Runtime, a training checkpoint on the PyTorch
-        reference (with the training extra installed); `backend` names one instead. `verify`
-        checks the SHA-256 of the export's files against its manifest."""
+        """An export directory runs on ONNX Runtime (on TensorRT with device "cuda" where it
+        holds engines this machine can run), a training checkpoint on the PyTorch reference (with
+        the training extra installed); `backend` names one instead. `verify` checks the SHA-256
+        of the export's files against its manifest."""
         return cls(load_backend(path, backend, device, threads, verify, precision))
 
     def max_new_tokens(self, text_len: int | None) -> int:

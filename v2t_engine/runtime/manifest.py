@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from .contract import DECODE_FILE, ENCODER_FILE, MANIFEST_FILE, PREFILL_FILE, graph_contracts
 from ..errors import ArtifactError, ConfigError
 from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
+from .tensorrt import MANIFEST_KEY, TIMING_CACHE_FILE, TensorRTBlock, rebuild_command
 
 FORMAT = "v2t-onnx"
 # 2: the prefill/decode pair over a fixed-length KV buffer, and uint8 frames into the encoder.
@@ -38,6 +39,8 @@ class Manifest:
     # checked at every load (a truncated copy fails here, not inside ONNX Runtime), digests on
     # request (`verify_files`; hashing a full-size graph takes seconds).
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The TensorRT engines built from the graphs (`v2t export --format trt`), None where there are none.
+    tensorrt: TensorRTBlock | None = None
 
     @property
     def validated(self) -> bool:
@@ -46,13 +49,29 @@ class Manifest:
         return bool(self.validation) and self.validation.get("validated", True)
 
     def with_file_digests(self, directory: str | Path) -> "Manifest":
-        """This manifest with the sizes and SHA-256 of its graphs (and their weight side files)
-        and tokenizer in `directory`."""
+        """This manifest with the sizes and SHA-256 of its graphs (and their weight side files),
+        tokenizer, and TensorRT engines and timing cache where it has them, in `directory`."""
         directory = Path(directory)
         graphs = list(self.graph_files.values())
         names = graphs + [self.tokenizer_file] + [n + ".data" for n in graphs if (directory / (n + ".data")).is_file()]
+        names += list(self._tensorrt_files())
         return dataclasses.replace(self, files={n: {"bytes": (directory / n).stat().st_size,
                                                     "sha256": _sha256(directory / n)} for n in names})
+
+    def _tensorrt_files(self) -> dict[str, str]:
+        """File → what it is, of the TensorRT files: "the decode engine", ...; none without engines."""
+        if self.tensorrt is None:
+            return {}
+        engines = {record.engine: f"the {graph} engine" for graph, record in self.tensorrt.engines.items()}
+        return {**engines, TIMING_CACHE_FILE: "the TensorRT timing cache"}
+
+    def _remedy(self, directory: Path, name: str) -> tuple[str, str]:
+        """(what file `name` is, for a message, and how to make it again): a TensorRT file is
+        rebuilt with the command that builds the engines, anything else re-exported."""
+        what = self._tensorrt_files().get(name)
+        if what is None:
+            return "", "re-export it with `v2t export`"
+        return f", {what},", f"rebuild the engines: {rebuild_command(directory, self.source, self.tensorrt.precision)}"
 
     def check_files(self, directory: str | Path, verify: bool = False) -> None:
         """ArtifactError naming a listed file that is missing, of another size, or (with
@@ -60,18 +79,20 @@ class Manifest:
         directory = Path(directory)
         for name, expected in self.files.items():
             path = directory / name
+            what, remedy = self._remedy(directory, name)
             if not path.is_file():
-                raise ArtifactError(f"{path} is missing (listed in {directory / MANIFEST_FILE})")
+                raise ArtifactError(f"{path}{what} is missing (listed in {directory / MANIFEST_FILE}); {remedy}")
             size = path.stat().st_size
             if size != expected["bytes"]:
-                raise ArtifactError(f"{path} is {size} bytes, the manifest says {expected['bytes']}: "
-                                    "truncated or replaced; re-export it with `v2t export`")
+                raise ArtifactError(f"{path}{what} is {size} bytes, the manifest says {expected['bytes']}: "
+                                    f"truncated or replaced; {remedy}")
             if verify and _sha256(path) != expected["sha256"]:
-                raise ArtifactError(f"{path} does not have the SHA-256 the manifest records: edited or "
-                                    "corrupted; re-export it with `v2t export`")
+                raise ArtifactError(f"{path}{what} does not have the SHA-256 the manifest records: edited or "
+                                    f"corrupted; {remedy}")
 
     def to_dict(self) -> dict[str, Any]:
         cfg = self.config
+        engines = {MANIFEST_KEY: self.tensorrt.to_dict()} if self.tensorrt is not None else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -95,6 +116,7 @@ class Manifest:
             "tokenizer": self.tokenizer_file,
             "files": self.files,
             "validation": self.validation,
+            **engines,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -131,7 +153,9 @@ class Manifest:
             manifest = cls(config=config, opset=data["opset"], precision=data.get("precision", "fp32"),
                            graph_files={c.name: graphs[c.name]["file"] for c in graph_contracts(config)},
                            tokenizer_file=data["tokenizer"], validation=data.get("validation", {}),
-                           source=data.get("source_checkpoint", ""), files=data.get("files", {}))
+                           source=data.get("source_checkpoint", ""), files=data.get("files", {}),
+                           tensorrt=TensorRTBlock.from_dict(data[MANIFEST_KEY], str(path))
+                           if MANIFEST_KEY in data else None)
         except KeyError as err:
             raise ArtifactError(f"{path} lacks the entry {err}; re-export with this v2t") from None
         except ConfigError as err:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import ConfigError
 from .contract import cache_len
 
 
@@ -70,28 +71,55 @@ def to_host(xp, array) -> np.ndarray:
     return array if xp is np else xp.asnumpy(array)
 
 
+def _columns(backend, frame_num: int, max_new_tokens: int) -> int:
+    """KV columns of the slot buffers: what `frame_num` frames and captions of `max_new_tokens`
+    need, or the backend's ``fixed_cache_len`` (ConfigError when that is too few)."""
+    needed = cache_len(backend.config, frame_num, max_new_tokens)
+    fixed = getattr(backend, "fixed_cache_len", None)
+    if fixed is None:
+        return needed
+    if needed > fixed:
+        raise ConfigError(f"captions of up to {max_new_tokens} tokens after {frame_num} frames need {needed} KV "
+                          f"cache columns, and the {backend.name} backend's decode graph has {fixed}: ask for "
+                          f"captions of at most {fixed - frame_num} tokens (text_len), or run the ONNX graphs with "
+                          "--backend ort --device cuda")
+    return fixed
+
+
 class BoundSlotDecoder:
     """The fixed-length KV buffers in the memory of the backend's graphs, bound to its prefill
     and decode (``Backend.prefill`` / ``Backend.decode``): ``backend.xp`` is the array module of
     that memory. Only the token ids of greedy rows leave it each step, unless a search asks for
-    logits."""
+    logits. The buffers have the columns the captions need, or the backend's ``fixed_cache_len``
+    where its decode graph takes no other length (a TensorRT engine)."""
 
     def __init__(self, backend, slots: int, frame_num: int, max_new_tokens: int):
         cfg, xp = backend.config, backend.xp
         self.backend, self.xp, self.slots, self.frame_num = backend, xp, slots, frame_num
-        self.cache_len = cache_len(cfg, frame_num, max_new_tokens)
+        self.cache_len = _columns(backend, frame_num, max_new_tokens)
         # A row's position is fed to the graph clamped to the position table, for rows whose
         # caption ran to the length limit and are no longer live (they write nothing).
         self.max_pos = min(self.cache_len, cfg.block_size) - 1
         shape = (slots, cfg.n_head, self.cache_len, cfg.head_dim)
-        # Zeros, not empty: a column no row may see still gets attention weight exactly 0, and
-        # 0 * NaN from uninitialised memory would poison the row.
-        self.cache = [xp.zeros(shape, np.float32) for _ in range(2 * cfg.n_layer)]
-        self.new = [xp.zeros((slots, cfg.n_head, 1, cfg.head_dim), np.float32) for _ in self.cache]
+        # One buffer for every cache tensor, (2 n_layer, slots, ...): each tensor's rows [0, n)
+        # are one contiguous block to bind, and a step's new columns are written for all of them
+        # in one indexing operation. Zeros, not empty: a column no row may see still gets
+        # attention weight exactly 0, and 0 * NaN from uninitialised memory would poison the row.
+        self.kv = xp.zeros((2 * cfg.n_layer, *shape), np.float32)
+        self.new = xp.zeros((2 * cfg.n_layer, slots, cfg.n_head, 1, cfg.head_dim), np.float32)
         self.out = xp.zeros((slots, cfg.vocab_size), np.float32)  # each row's latest logits
         self.feed = xp.zeros((2, slots, 1), np.int64)  # token and position of each row
         self.pos = np.zeros(slots, np.int64)  # columns each row holds, on the host
         self.buckets = bool(getattr(backend, "batch_buckets", False))
+        self._bound: dict[int, tuple] = {}
+
+    def _views(self, n: int) -> tuple:
+        """The decode arguments for rows [0, n): the same objects over the same memory at every
+        step of that size, so a backend may keep what it bound for them."""
+        if n not in self._bound:
+            self._bound[n] = (self.feed[0, :n], self.feed[1, :n], [t[:n] for t in self.kv], self.out[:n],
+                              [t[:n] for t in self.new])
+        return self._bound[n]
 
     def prefill(self, rows: np.ndarray, prefix: Any, source: np.ndarray) -> None:
         cfg, xp = self.backend.config, self.xp
@@ -99,11 +127,10 @@ class BoundSlotDecoder:
         if n_frames != self.frame_num:
             raise ValueError(f"videos have {n_frames} frames, the first ones had {self.frame_num}")
         logits = xp.empty((k, cfg.vocab_size), np.float32)
-        kv = [xp.empty((k, cfg.n_head, n_frames, cfg.head_dim), np.float32) for _ in self.cache]
-        self.backend.prefill(xp.asarray(prefix, dtype=np.float32), logits, kv)
+        kv = xp.empty((len(self.kv), k, cfg.n_head, n_frames, cfg.head_dim), np.float32)
+        self.backend.prefill(xp.ascontiguousarray(xp.asarray(prefix, dtype=np.float32)), logits, list(kv))
         r, s = xp.asarray(rows), xp.asarray(source)
-        for dst, src in zip(self.cache, kv):
-            dst[r, :, :n_frames] = src[s]
+        self.kv[:, r, :, :n_frames] = kv[:, s]
         self.out[r] = logits[s]
         self.pos[rows] = n_frames
 
@@ -115,18 +142,16 @@ class BoundSlotDecoder:
         feed = np.stack([np.where(live[:n], tokens[:n], self.backend.config.pad_id),
                          np.minimum(self.pos[:n], self.max_pos)])[:, :, None]
         self.feed[:, :n] = self.xp.asarray(feed)
-        self.backend.decode(self.feed[0, :n], self.feed[1, :n], [t[:n] for t in self.cache], self.out[:n],
-                            [t[:n] for t in self.new])
+        self.backend.decode(*self._views(n))
         rows = np.flatnonzero(live)
         r, c = self.xp.asarray(rows), self.xp.asarray(self.pos[rows])
-        for dst, src in zip(self.cache, self.new):
-            dst[r, :, c] = src[r, :, 0]
+        # Row r[i]'s new key/value into its column c[i], in every cache tensor at once.
+        self.kv[:, r, :, c] = self.new[:, r, :, 0]
         self.pos[rows] += 1
 
     def copy_rows(self, rows: np.ndarray, source_rows: np.ndarray) -> None:
         r, s = self.xp.asarray(rows), self.xp.asarray(source_rows)
-        for t in self.cache:
-            t[r] = t[s]  # the gather on the right is a copy: sources are read first
+        self.kv[:, r] = self.kv[:, s]  # the gather on the right is a copy: sources are read first
         self.pos[rows] = self.pos[source_rows]
 
     def logits(self, rows: np.ndarray) -> np.ndarray:

@@ -40,6 +40,9 @@ ENGINE_SUFFIX = ".plan"
 TIMING_CACHE_FILE = "tensorrt_timing.cache"  # beside the engines, reused when they are rebuilt
 ORT_CACHE_DIR = "ort_tensorrt_cache"  # ONNX Runtime's TensorRT provider keeps its own engines here
 GPU_INSTALL = "pip install 'v2t[gpu]' on a machine with an NVIDIA GPU"
+# The most decoder rows an engine takes at once when its builder says nothing else: the slots of a
+# GPU job (README, "GPU": predict --micro_batch_size 256), with room for 4 beams at 64 videos.
+DEFAULT_MAX_BATCH = 256
 CUPY_INSTALL = "pip install cupy-cuda12x (or cupy-cuda13x, matching the machine's CUDA)"
 # TensorRT rejects I/O addresses that are not 256-byte aligned (NvInferRuntime.h, setTensorAddress).
 ALIGNMENT = 256
@@ -148,6 +151,19 @@ def outside_profile(spec: TensorSpec, shape_range: ShapeRange, shape: Shape, reb
 def graph_profiles(cfg: ModelConfig, bounds: Mapping[str, tuple[int, int, int]]) -> dict[str, Profile]:
     """One profile per graph (module docstring: one engine and one profile per phase)."""
     return {contract.name: profile_shapes(contract, bounds) for contract in graph_contracts(cfg)}
+
+
+def fixed_size(contract: GraphContract, profile: Profile, axis: str) -> int | None:
+    """The size `profile` fixes symbolic `axis` at (min = max) in the inputs of `contract` that
+    have it, or None where the profile lets it vary (or no input has it)."""
+    sizes = set()
+    for spec in contract.inputs:
+        r = profile[spec.name]
+        sizes |= {(r.min[i], r.max[i]) for i, name in spec.dynamic_axes().items() if name == axis}
+    if len(sizes) != 1:
+        return None
+    ((lo, hi),) = sizes
+    return lo if lo == hi else None
 
 
 def engine_files(graph_files: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -282,6 +298,15 @@ def ort_tensorrt_options(profile: Profile, cache_dir: str | Path) -> dict[str, s
         options.update(trt_profile_min_shapes=shapes(0), trt_profile_opt_shapes=shapes(1),
                        trt_profile_max_shapes=shapes(2))
     return options
+
+
+def ort_profiles(cfg: ModelConfig, block: TensorRTBlock | None) -> dict[str, Profile]:
+    """The profiles ONNX Runtime's TensorRT provider builds each graph's engine for: those of the
+    export's own engines where it has them (the same shapes, checked on the GPU when they were
+    built), else v2t's default bounds for DEFAULT_MAX_BATCH rows."""
+    if block is not None:
+        return {name: record.profile for name, record in block.engines.items()}
+    return graph_profiles(cfg, default_bounds(cfg, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH * cfg.frame_num))
 
 
 # ------------------------------------------------------------------ lazy imports and refusals

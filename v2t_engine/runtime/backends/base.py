@@ -8,7 +8,9 @@ generator, detokenizing) is shared by all backends.
 
 A backend that steps its cache its own way (torch-fast's CUDA graphs) also has
 ``slot_decoder(slots, frame_num, max_new_tokens)``, which returns its own
-``slot_decoder.SlotDecoder``.
+``slot_decoder.SlotDecoder``. One whose decode graph takes a KV buffer of one length only (a
+TensorRT engine's profile fixes it) says so in ``fixed_cache_len``, which ``BoundSlotDecoder``
+allocates. ``devices`` and ``explains_refusals`` are described in ``backends/__init__.py``.
 """
 from __future__ import annotations
 
@@ -55,4 +57,6 @@ class Backend(Protocol):
         """One token per row: input_ids and position_ids (B, 1) int64; ``cache`` (B, nh, L, hs)
         per cache tensor, of which a row reads the columns before its position; writes the
         logits (B, V) and the token's keys/values (B, nh, 1, hs) into ``logits`` and ``kv_out``.
-        Every argument is a C-contiguous ``xp`` array the caller owns."""
+        Every argument is a C-contiguous ``xp`` array the caller owns. A backend may keep what it
+        bound for these very objects and reuse it when they are passed again, so a caller never
+        passes the same objects (lists included) over other memory."""

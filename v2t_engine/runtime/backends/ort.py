@@ -5,7 +5,13 @@ CuPy device arrays with ``--device cuda`` (``xp``), so the KV buffers of ``Bound
 stay where the graphs run and only token ids cross to the host each step. On CUDA the decode
 step is replayed as a CUDA graph, one per batch bucket (ORT's ``enable_cuda_graph`` with a
 ``gpu_graph_id`` per bucket): a bucket's views of the slot buffers start at the same addresses
-every step, which is what a captured graph requires."""
+every step, which is what a captured graph requires.
+
+``--device tensorrt`` runs the graphs with ONNX Runtime's TensorRT execution provider (CUDA for
+what it does not take), which builds its own engines into ``ORT_CACHE_DIR`` of the export
+directory, for the profiles of the export's engines where it has them (``tensorrt.ort_profiles``).
+Buffers are CuPy device arrays as on cuda; decode runs without ORT's CUDA graphs, which the
+CUDA provider can capture only when it runs every node."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,13 +22,19 @@ import onnxruntime as ort
 from ...concurrency import available_cores
 from ...errors import ArtifactError, ConfigError, MissingDependencyError
 from ...tokenizer import CaptionTokenizer
-from ..contract import (INPUT_IDS, LOGITS, POSITION_IDS, PREFIX_EMBEDS, GraphContract, cache_names,
+from ..contract import (CACHE_LEN, INPUT_IDS, LOGITS, POSITION_IDS, PREFIX_EMBEDS, GraphContract, cache_names,
                         decode_contract, encoder_contract, kv_out_names, prefill_contract)
 from ..manifest import Manifest, is_export_dir
+from ..tensorrt import ORT_CACHE_DIR, fixed_size, ort_profiles, ort_tensorrt_options
 
 # ONNX element types as ORT reports them → numpy dtype names (the contract's spelling).
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
                "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32", "tensor(uint8)": "uint8"}
+
+
+# Decode bindings kept: one per batch size a slot pool steps (a few powers of two, or up to the
+# slot count on the CPU) for the pools alive at once; more means pools came and went.
+_KEPT_BINDINGS = 256
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -36,9 +48,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def providers_for(device: str, cuda_graph: bool = False) -> list:
+def providers_for(device: str, cuda_graph: bool = False, tensorrt_options: dict[str, str] | None = None) -> list:
     """ORT's providers for `device`; `cuda_graph` asks the CUDA provider to capture and replay
-    the session's runs (only for a graph whose every run binds fixed device buffers)."""
+    the session's runs (only for a graph whose every run binds fixed device buffers);
+    `tensorrt_options`: the TensorRT provider's options for this graph (``--device tensorrt``)."""
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -48,7 +61,14 @@ def providers_for(device: str, cuda_graph: bool = False) -> list:
                               f"(available: {', '.join(available)}); pip install 'v2t[gpu]'")
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
         return [cuda, "CPUExecutionProvider"]
-    raise ConfigError(f"unknown device {device!r}; use cpu or cuda")
+    if device == "tensorrt":
+        if "TensorrtExecutionProvider" not in available:
+            raise ConfigError("--device tensorrt: this onnxruntime has no TensorrtExecutionProvider "
+                              f"(available: {', '.join(available)}); pip install 'v2t[gpu]' on a machine with "
+                              "an NVIDIA GPU, or use --device cuda")
+        return [("TensorrtExecutionProvider", tensorrt_options or {}), "CUDAExecutionProvider",
+                "CPUExecutionProvider"]
+    raise ConfigError(f"unknown device {device!r}; use cpu, cuda or tensorrt")
 
 
 def array_module(device: str):
@@ -58,9 +78,33 @@ def array_module(device: str):
     try:
         import cupy
     except ImportError:
-        raise MissingDependencyError("--device cuda keeps the KV cache on the GPU with CuPy, which is not "
+        raise MissingDependencyError(f"--device {device} keeps the KV cache on the GPU with CuPy, which is not "
                                      "installed: pip install 'v2t[gpu]'") from None
     return cupy
+
+
+def tensorrt_setup(manifest: Manifest, export_dir: Path) -> tuple[dict[str, dict[str, str]], int | None]:
+    """For ``--device tensorrt``: the TensorRT provider's options of each graph, and the KV
+    columns its decode profile fixes (``fixed_cache_len``). The provider keeps its engines and
+    timing cache in ORT_CACHE_DIR of the export directory, which must be writable."""
+    profiles = ort_profiles(manifest.config, manifest.tensorrt)
+    cache_dir = export_dir / ORT_CACHE_DIR
+    try:
+        cache_dir.mkdir(exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--device tensorrt keeps ONNX Runtime's TensorRT engines in {cache_dir}, which "
+                          f"cannot be made ({err.strerror}): make {export_dir} writable, or use --device cuda") from None
+    options = {name: ort_tensorrt_options(profile, cache_dir) for name, profile in profiles.items()}
+    return options, fixed_size(decode_contract(manifest.config), profiles["decode"], CACHE_LEN)
+
+
+def check_tensorrt_provider(session: ort.InferenceSession, path: Path) -> None:
+    """ConfigError where ONNX Runtime could not start its TensorRT provider for `path` (TensorRT's
+    libraries missing, say): it then falls back to CUDA with a printed warning, which
+    ``--device tensorrt`` must not do silently."""
+    if "TensorrtExecutionProvider" not in session.get_providers():
+        raise ConfigError(f"{path}: ONNX Runtime could not start its TensorRT provider (its output above "
+                          "says why; TensorRT's libraries come with pip install 'v2t[gpu]'): use --device cuda")
 
 
 def unsupported_precision(precision: str, device: str) -> str | None:
@@ -92,6 +136,7 @@ def open_session(path: Path, contract: GraphContract, opts: ort.SessionOptions,
 class OrtBackend:
     name = "ort"
     loads = "an export directory (manifest.json; made by `v2t export`)"
+    devices = ("cpu", "cuda", "tensorrt")  # tensorrt: ONNX Runtime's TensorRT execution provider
 
     def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int | None = None,
                  verify: bool = False, precision: str | None = None):
@@ -109,13 +154,21 @@ class OrtBackend:
         opts = session_options(threads)
         self.xp, self.device = array_module(device), device
         self.batch_buckets = device == "cuda"  # one captured CUDA graph per decode batch size
+        trt_options, self.fixed_cache_len = (tensorrt_setup(self.manifest, self.export_dir) if device == "tensorrt"
+                                             else ({}, None))
         graphs = {name: self.export_dir / file for name, file in self.manifest.graph_files.items()}
-        self.encoder, self.prefill_session, self.decode_session = (
-            open_session(graphs[c.name], c, opts, providers_for(device, cuda_graph=c.name == "decode"))
-            for c in (encoder_contract(cfg), prefill_contract(cfg), decode_contract(cfg)))
+        contracts = (encoder_contract(cfg), prefill_contract(cfg), decode_contract(cfg))
+        self.encoder, self.prefill_session, self.decode_session = sessions = [
+            open_session(graphs[c.name], c, opts, providers_for(device, cuda_graph=c.name == "decode",
+                                                                  tensorrt_options=trt_options.get(c.name)))
+            for c in contracts]
+        if device == "tensorrt":
+            for c, session in zip(contracts, sessions):
+                check_tensorrt_provider(session, graphs[c.name])
         (self._encoder_input,) = encoder_contract(cfg).input_names
         self._cache_names, self._kv_out_names = cache_names(cfg.n_layer), kv_out_names(cfg.n_layer)
         self._graph_ids: dict[int, ort.RunOptions] = {}
+        self._decode_bindings: dict[tuple, tuple] = {}
         # The encoder runs on however many videos the generator is refilling, and ORT's arena
         # keeps every chunk it ever grew for those shapes, so the peak RSS of `v2t predict` grew
         # with the length of the table (README, "Full-size results"). Shrinking the arena after
@@ -123,7 +176,7 @@ class OrtBackend:
         # decoder's arena is left alone, its per-token runs are where allocation speed matters.
         self._encoder_run = ort.RunOptions()
         self._encoder_run.add_run_config_entry("memory.enable_memory_arena_shrinkage",
-                                               "cpu:0;gpu:0" if device == "cuda" else "cpu:0")
+                                               "cpu:0" if device == "cpu" else "cpu:0;gpu:0")
 
     @classmethod
     def accepts(cls, path: Path) -> bool:
@@ -142,19 +195,29 @@ class OrtBackend:
         self._run(self.prefill_session, binding, None)
 
     def decode(self, input_ids, position_ids, cache, logits, kv_out) -> None:
-        binding = self.decode_session.io_binding()
-        for name, array in ((INPUT_IDS, input_ids), (POSITION_IDS, position_ids), *zip(self._cache_names, cache)):
-            self._bind(binding.bind_input, name, array)
-        for name, array in ((LOGITS, logits), *zip(self._kv_out_names, kv_out)):
-            self._bind(binding.bind_output, name, array)
-        self._run(self.decode_session, binding, self._graph_run(input_ids.shape[0]))
+        # BoundSlotDecoder passes the same objects over the same memory at every step of a batch
+        # size, so their binding is made once: binding 50 buffers cost as much as a tiny model's
+        # step. The entry holds the arguments, so no other object can take their ids meanwhile.
+        args = (input_ids, position_ids, cache, logits, kv_out)
+        key = tuple(map(id, args))
+        if key not in self._decode_bindings:
+            binding = self.decode_session.io_binding()
+            inputs = ((INPUT_IDS, input_ids), (POSITION_IDS, position_ids), *zip(self._cache_names, cache))
+            for name, array in inputs:
+                self._bind(binding.bind_input, name, array)
+            for name, array in ((LOGITS, logits), *zip(self._kv_out_names, kv_out)):
+                self._bind(binding.bind_output, name, array)
+            if len(self._decode_bindings) >= _KEPT_BINDINGS:
+                self._decode_bindings.clear()
+            self._decode_bindings[key] = (binding, args)
+        self._run(self.decode_session, self._decode_bindings[key][0], self._graph_run(input_ids.shape[0]))
 
     def _bind(self, bind, name: str, array) -> None:
         """Bind the caller's memory by address: the graph reads and writes it in place."""
         if not array.flags.c_contiguous:
             raise ValueError(f"{name}: bound buffers must be C-contiguous")
         address = array.ctypes.data if self.xp is np else array.data.ptr
-        bind(name, self.device, 0, array.dtype, list(array.shape), address)
+        bind(name, "cpu" if self.xp is np else "cuda", 0, array.dtype, list(array.shape), address)
 
     def _graph_run(self, batch: int) -> ort.RunOptions | None:
         """On CUDA, the run options that select batch size `batch`'s captured graph (ORT's ids

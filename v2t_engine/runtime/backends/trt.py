@@ -19,7 +19,7 @@ TensorRT version and the GPU the engines were built for, and the graphs they wer
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,19 +27,22 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ...config import ModelConfig
 from ...errors import ArtifactError, ConfigError, V2TError
 from ...tokenizer import CaptionTokenizer
-from ..contract import (FRAME_EMBEDS, FRAMES, INPUT_IDS, LOGITS, MANIFEST_FILE, NUM_FRAMES, POSITION_IDS,
-                        PREFIX_EMBEDS, GraphContract, cache_names, graph_contracts, kv_out_names)
+from ..contract import (CACHE_LEN, FRAME_EMBEDS, FRAMES, INPUT_IDS, LOGITS, MANIFEST_FILE, NUM_FRAMES,
+                        POSITION_IDS, PREFIX_EMBEDS, GraphContract, cache_names, graph_contracts, kv_out_names)
+from ..manifest import Manifest
 from ..tensorrt import (ALIGNMENT, MANIFEST_KEY, Profile, TensorRTBlock, check_compatible, check_sources,
-                        current_gpu, file_sha256, import_cupy, import_tensorrt, outside_profile, rebuild_command)
+                        current_gpu, file_sha256, fixed_size, import_cupy, import_tensorrt, outside_profile,
+                        rebuild_command)
+
+log = logging.getLogger(__name__)
 
 NEEDED_FOR = "the trt backend"
 
 
 class _Preflight(NamedTuple):
-    manifest: dict[str, Any]
+    manifest: Manifest
     block: TensorRTBlock
     trt: Any
     cupy: Any
@@ -53,35 +56,30 @@ def _preflight(export_dir: Path, device: str, precision: str | None, verify: boo
     if device != "cuda":
         raise ConfigError(f"{NEEDED_FOR} runs TensorRT engines on an NVIDIA GPU: use --device cuda, "
                           f"or --backend ort --device {device}")
-    path = export_dir / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path} cannot be read ({err}): not a v2t export directory") from None
-    lacking = [key for key in ("model_config", "tokenizer") if key not in manifest]
-    if lacking:
-        raise ArtifactError(f"{path} lacks the entry {lacking[0]!r}; re-export with this v2t")
-    if MANIFEST_KEY not in manifest:
+    # Format, contract and the sizes of every listed file, engines included; their digests (with
+    # `verify`) only after the checks below, which say more precisely why an engine cannot run.
+    manifest = Manifest.load(export_dir)
+    block = manifest.tensorrt
+    if block is None:
         raise ArtifactError(f"{export_dir} holds no TensorRT engines: build them with "
                             f"`v2t export --format trt`, or {alternative}")
-    block = TensorRTBlock.from_dict(manifest[MANIFEST_KEY], str(path))
     if precision not in (None, block.precision):
         raise ConfigError(f"{export_dir}'s engines compute in {block.precision}, fixed when they were built: "
                           f"export again with --precision {precision}")
     trt = import_tensorrt(NEEDED_FOR, alternative)
     cupy = import_cupy(NEEDED_FOR, alternative)
-    rebuild = rebuild_command(export_dir, manifest.get("source_checkpoint"), block.precision)
+    rebuild = rebuild_command(export_dir, manifest.source, block.precision)
     check_compatible(block, trt.__version__, current_gpu(cupy, NEEDED_FOR, alternative), rebuild, str(export_dir))
-    check_sources(block, _source_digests(export_dir, block, manifest.get("files", {}), verify), rebuild,
-                  str(export_dir))
-    unlisted = sorted({c.name for c in graph_contracts(ModelConfig.from_dict(manifest["model_config"]))}
-                      - set(block.engines))
+    check_sources(block, _source_digests(export_dir, block, manifest.files, verify), rebuild, str(export_dir))
+    unlisted = sorted({c.name for c in graph_contracts(manifest.config)} - set(block.engines))
     if unlisted:
-        raise ArtifactError(f"{path}: its {MANIFEST_KEY} block lists no engine for {', '.join(unlisted)}. "
-                            f"Rebuild: {rebuild}")
+        raise ArtifactError(f"{export_dir / MANIFEST_FILE}: its {MANIFEST_KEY} block lists no engine for "
+                            f"{', '.join(unlisted)}. Rebuild: {rebuild}")
     for graph, record in block.engines.items():
-        if not (export_dir / record.engine).is_file():
+        if not (export_dir / record.engine).is_file():  # one the manifest's files do not list
             raise ArtifactError(f"{export_dir / record.engine}, the {graph} engine, is missing. Rebuild: {rebuild}")
+    if verify:
+        manifest.check_files(export_dir, verify=True)
     return _Preflight(manifest, block, trt, cupy, rebuild)
 
 
@@ -212,6 +210,8 @@ class TrtBackend:
     name = "trt"
     loads = ("an export directory with TensorRT engines (`v2t export --format trt`) built by this machine's "
              "TensorRT for its GPU")
+    devices = ("cuda",)  # `auto` passes it over on any other device
+    explains_refusals = True  # `--backend trt` gets _preflight's reason, not only `loads`
 
     def __init__(self, export_dir: str | Path, device: str = "cuda", threads: int | None = None,
                  verify: bool = False, precision: str | None = None, cuda_graphs: bool = True):
@@ -220,9 +220,9 @@ class TrtBackend:
         self.export_dir = Path(export_dir)
         pre = _preflight(self.export_dir, device, precision, verify)
         self.manifest, self.block, self.cupy, self.xp = pre.manifest, pre.block, pre.cupy, pre.cupy
-        self.config = cfg = ModelConfig.from_dict(pre.manifest["model_config"])
+        self.config = cfg = pre.manifest.config
         self.precision = pre.block.precision
-        self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / pre.manifest["tokenizer"])
+        self.tokenizer = CaptionTokenizer.from_dir(self.export_dir / pre.manifest.tokenizer_file)
         self.cuda_graphs = cuda_graphs
         self.stream = pre.cupy.cuda.Stream(non_blocking=True)  # capture needs a non-default stream
         self._runtime = pre.trt.Runtime(pre.trt.Logger(pre.trt.Logger.WARNING))
@@ -233,16 +233,27 @@ class TrtBackend:
         self._encoder_context, self._prefill_context = encoder.context(self.stream), prefill.context(self.stream)
         self._decode_context = None  # the eager decode's, made on first use: graphs bring their own
         self._max_frames = encoder.max_sizes[NUM_FRAMES]
+        # The decode engine's KV columns, which BoundSlotDecoder allocates instead of what a job's
+        # caption length needs (and refuses a job that needs more).
+        self.fixed_cache_len = fixed_size(decode.contract, decode.profile, CACHE_LEN)
         self._cache_names, self._kv_names = cache_names(cfg.n_layer), kv_out_names(cfg.n_layer)
         self._graphs: dict[int, _Graph] = {}
 
     @classmethod
     def accepts(cls, path: Path) -> bool:
         """The directory holds engines this machine can run: TensorRT and CuPy installed, a GPU,
-        the TensorRT version and GPU the engines were built for, and their graphs unchanged."""
+        the TensorRT version and GPU the engines were built for, and their graphs unchanged.
+        Where it holds engines that cannot run here, the warning says why (`auto` then runs its
+        ONNX graphs)."""
+        try:
+            if Manifest.load(path).tensorrt is None:
+                return False
+        except V2TError:
+            return False
         try:
             _preflight(Path(path), "cuda", None, verify=False)
-        except V2TError:
+        except V2TError as err:
+            log.warning("not running the TensorRT engines in %s: %s", path, err)
             return False
         return True
 
