@@ -95,8 +95,6 @@ def parse_args(argv: list[str] | None = None):
                         help="torch-fast precisions to time (default bf16,fp16 on cuda; fp32 on cpu, its only one)")
     parser.add_argument("--no-tf32", action="store_true", help="strict fp32 for the eager baselines")
     parser.add_argument("--encoder-frames", default=None, help="frames per encoder call (default 256; tiny 16)")
-    parser.add_argument("--compile-encoder", action="store_true",
-                        help="also time the bf16 ViT under torch.compile at a static batch (compile time noted)")
     parser.add_argument("--batch-sizes", default=None, help="decoder batches (default 64,128,256,512,1024; tiny 4,8)")
     parser.add_argument("--rows", type=int, default=None, help="rows v2t predict captions (default 2048; tiny 32)")
     parser.add_argument("--baseline-rows", type=int, default=None,
@@ -387,30 +385,23 @@ def encoder_section(b: Bench) -> None:
             except Exception as err:
                 rows.append(_failed(len(headers), n, f"v2t {FAST}", p))
                 notes.append(f"{n} frames, {FAST}/{p}: {_brief(err)}")
-        if b.args.compile_encoder and not b.expired():
+        if not b.expired():
             p = b.args.precisions[0]
-            rows.append(row(f"{FAST} + torch.compile, static batch", p, _compiled_encoder(b, p, frames, notes)))
+            rows.append(row(f"v2t {FAST}, ViT not compiled", p, _uncompiled_encoder(b, p, frames)))
     notes.append(f"{flops / 1e9:.3g} GFLOP per frame; input: host uint8 crops, normalized on the device")
     notes += [f"{FAST}/{p} loaded from the checkpoint in {s:.1f} s" for p, s in b.load_s.items()]
     b.emit(f"Frame encoder on {b.device.type} (ViT {cfg.vit_width}w x {cfg.vit_layers}, {cfg.img_size} px)",
            headers, rows, notes)
 
 
-def _compiled_encoder(b: Bench, precision: str, frames: np.ndarray, notes: list[str]):
-    """The torch-fast ViT compiled by inductor for this batch size alone (no dynamic shapes: a
-    fused kernel per shape), timed like the others; the compile time is a note."""
+def _uncompiled_encoder(b: Bench, precision: str, frames: np.ndarray):
+    """torch-fast's encoder with its eager ViT instead of the compiled one: what compiling buys."""
     backend = b.fast(precision)
-    vit = torch.compile(backend.model.first_stage_model, dynamic=False)
 
     def run():
         with torch.inference_mode():
-            return vit(backend.device_frames(frames).to(backend.dtype)).float()
+            return backend.model.first_stage_model(backend.device_frames(frames).to(backend.dtype)).float()
 
-    began = time.perf_counter()
-    run()
-    b.sync()
-    notes.append(f"torch.compile of the {precision} ViT for {len(frames)} frames took "
-                 f"{time.perf_counter() - began:.0f} s")
     return b.timed(run)
 
 

@@ -270,6 +270,22 @@ def test_cuda_graph_replay_gives_the_eager_tokens(random_checkpoint, many_crops,
 
 @pytest.mark.gpu
 @needs_cuda
+def test_the_compiled_encoder_gives_the_eager_embeddings(random_checkpoint, many_crops):
+    """300 frames run as one compiled chunk of 256 and 44 eager ones, 20 wholly eagerly: every
+    embedding equals the eager ViT's up to fp32 reordering."""
+    from v2t_training.fast_backend import ENCODER_CHUNK
+
+    backend = FastTorchBackend(random_checkpoint, device="cuda", precision="fp32")
+    frames = np.concatenate([many_crops.reshape(-1, *many_crops.shape[2:])] * 4)[:300]
+    assert ENCODER_CHUNK < len(frames) < 2 * ENCODER_CHUNK
+    with torch.inference_mode():
+        eager = backend.model.first_stage_model(backend.device_frames(frames)).cpu().numpy()
+    np.testing.assert_allclose(backend.encode_frames(frames), eager, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(backend.encode_frames(frames[:20]), eager[:20], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_cuda_normalizes_uint8_exactly(random_checkpoint, many_crops):
     backend = FastTorchBackend(random_checkpoint, device="cuda")
     frames = many_crops[:8].reshape(-1, *many_crops.shape[2:])
