@@ -604,6 +604,7 @@ def test_export_refuses_int8_engines_before_any_work(tmp_path):
         export_checkpoint(tmp_path / "no-checkpoint", tmp_path / "out", "trt", "int8")
 
 
+@pytest.mark.slow  # a whole export and its validation
 def test_export_trt_builds_into_the_validated_export_and_lists_the_engines(monkeypatch, random_checkpoint,
                                                                           tmp_path):
     """The wiring of `v2t export --format trt` on the CPU: the builder and the GPU validation are
