@@ -71,25 +71,57 @@ def write_list(path, videos, frames=None):
     return path
 
 
-def test_same_pixels_give_python_captions(cpp_build, random_export, synth_data, tmp_path):
-    """Identical preprocessed frames: the synthetic test clips and random-noise clips, captioned by
-    the Python Captioner and by libv2t, in one batch and in batches of 8."""
-    from v2t_engine import Captioner
+def _python_crops(cap, synth_data):
+    """uint8 crops (N, F, 3, S, S) of the synthetic test clips (decoded as predict decodes them)
+    and of random-noise clips."""
     from v2t_engine.inputs.frames import FrameSource, load_row_frames
-    from v2t_engine.inputs.preprocess import normalize
 
-    cap = Captioner.load(random_export)
     F, S = cap.config.frame_num, cap.config.img_size
     crops = [load_row_frames(line.split("\t")[1], F, S, FrameSource())[0]
              for line in Path(synth_data["test"]).read_text(encoding="utf-8").splitlines()]
     crops += list(np.random.default_rng(0).integers(0, 256, (8, F, 3, S, S), dtype=np.uint8))
-    pixels = normalize(np.stack(crops))  # (N, F, 3, S, S)
-    python = [c[0] for c in cap.caption_pixels(pixels)]
-    (tmp_path / "pixels.bin").write_bytes(pixels.astype(np.float32).tobytes())
-    for batch in (len(pixels), 8):
-        out = run(cpp_build / "v2t-test", "pixels", random_export, tmp_path / "pixels.bin", len(pixels), batch)
-        assert out.stdout.splitlines() == python
+    return np.stack(crops)
+
+
+def _check_same_crops_same_tokens(cpp_build, export, crops, tmp_path, batches, text_lens=(None,)):
+    """libv2t's greedy token ids and captions of the uint8 crops equal the Python Captioner's, for
+    each batch size (rows that end early while others run) and caption length limit (the KV
+    buffer's cache_len = frame_num + max_new_tokens). Returns Python's captions."""
+    from v2t_engine import Captioner
+
+    cap = Captioner.load(export)
+    (tmp_path / "crops.bin").write_bytes(np.ascontiguousarray(crops, np.uint8).tobytes())
+    for text_len in text_lens:
+        ids = cap.generate_ids(crops, text_len=text_len)[:, 0].tolist()
+        python = [c[0] for c in cap.caption_pixels(crops, text_len=text_len)]
+        for batch in batches:
+            out = run(cpp_build / "v2t-test", "pixels", export, tmp_path / "crops.bin", len(crops), batch, text_len or 0)
+            lines = [line.split("\t") for line in out.stdout.splitlines()]
+            assert [list(map(int, ids_.split())) for ids_, _ in lines] == ids, (text_len, batch)
+            assert [caption for _, caption in lines] == python, (text_len, batch)
+    return python
+
+
+def test_same_crops_give_python_captions(cpp_build, random_export, synth_data, tmp_path):
+    """Identical uint8 crops (the synthetic test clips and random-noise clips) handed to the frame
+    encoder: libv2t's greedy token ids equal the Python Captioner's, in one batch, in batches of 8
+    and one at a time, at the model's text_len and at a shorter limit."""
+    from v2t_engine import Captioner
+
+    crops = _python_crops(Captioner.load(random_export), synth_data)
+    python = _check_same_crops_same_tokens(cpp_build, random_export, crops, tmp_path, (len(crops), 8, 1), (None, 5))
     assert len(set(python)) > 3  # the captions depend on the frames
+
+
+@pytest.mark.slow
+def test_trained_model_gives_python_captions(cpp_build, trained_export, synth_data, tmp_path):
+    """The same on the trained recipe model, whose captions end at lengths that differ from row to
+    row (so rows leave a batch's steps at different times)."""
+    from v2t_engine import Captioner
+
+    crops = _python_crops(Captioner.load(trained_export), synth_data)
+    python = _check_same_crops_same_tokens(cpp_build, trained_export, crops, tmp_path, (len(crops), 8))
+    assert len(set(python)) > 3
 
 
 def test_same_jpegs_give_predict_captions(cpp_build, random_export, synth_data, jpeg_videos, tmp_path):
@@ -147,6 +179,22 @@ def test_crops_equal_pillow_crops(cpp_build, random_export, tmp_path):
     assert not differ, f"max differences of the crops that differ: {differ}"
 
 
+def test_preprocess_gives_crop_frame_crops(cpp_build, random_export, jpeg_videos, tmp_path):
+    """What libv2t hands the frame encoder, preprocess() of whole videos (frames decoded by two
+    threads), is Python's crop_frame uint8 crop of each frame, byte for byte, in video and frame
+    order."""
+    from v2t_engine.inputs.frames import open_image
+    from v2t_engine.inputs.preprocess import crop_frame
+
+    manifest = json.loads((Path(random_export) / "manifest.json").read_text())
+    F, S = manifest["model_config"]["frame_num"], manifest["model_config"]["img_size"]
+    videos = [v[:F] for v in jpeg_videos[1][:6]]
+    run(cpp_build / "v2t-test", "preprocess", random_export, tmp_path / "crops.bin", write_list(tmp_path / "l.txt", videos))
+    got = np.fromfile(tmp_path / "crops.bin", np.uint8)
+    want = np.stack([[crop_frame(open_image(p.read_bytes(), 10 ** 8), S) for p in v] for v in videos])
+    assert got.size == want.size and np.array_equal(got.reshape(want.shape), want)
+
+
 def test_c_api_error_paths(cpp_build, random_export, jpeg_videos):
     out = run(cpp_build / "v2t-test", "errors", random_export, jpeg_videos[1][0][0], check=False)
     assert out.returncode == 0 and "FAIL" not in out.stdout, out.stdout + out.stderr
@@ -166,20 +214,37 @@ def _broken_exports(export, root):
     (d / "manifest.json").unlink()
     cases["no_manifest"] = (d, "not a v2t export directory")
     d = copy("truncated")
-    data = (d / "decoder.onnx").read_bytes()
-    (d / "decoder.onnx").write_bytes(data[: len(data) // 2])
-    cases["truncated"] = (d, "decoder.onnx is")
-    d = copy("off_contract")
-    manifest = json.loads((d / "manifest.json").read_text())
-    manifest["graphs"]["decoder"]["inputs"][0]["dtype"] = "int32"
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    cases["off_contract"] = (d, "contract")
-    d = copy("swapped")  # the encoder's graph where the decoder's should be, sizes updated
-    shutil.copy(d / "frame_encoder.onnx", d / "decoder.onnx")
-    manifest = json.loads((d / "manifest.json").read_text())
-    manifest["files"]["decoder.onnx"]["bytes"] = (d / "decoder.onnx").stat().st_size
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    cases["swapped"] = (d, "has no input 'input_ids'")
+    data = (d / "decode.onnx").read_bytes()
+    (d / "decode.onnx").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (d, "decode.onnx is")
+
+    def edit_manifest(name, change):
+        d = copy(name)
+        manifest = json.loads((d / "manifest.json").read_text())
+        change(manifest)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return d
+
+    def swap(name, source, target):  # one graph's file where another's should be, sizes updated
+        d = copy(name)
+        shutil.copy(d / source, d / target)
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest["files"][target]["bytes"] = (d / target).stat().st_size
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return d
+
+    cases["off_contract"] = (edit_manifest("off_contract", lambda m: m["graphs"]["decode"]["inputs"][0].update(
+        dtype="int32")), "contract")
+    # a version-1 export (float32 frames, one decoder graph): re-export, not a crash
+    cases["version_1"] = (edit_manifest("version_1", lambda m: m.update(format_version=1)), "unsupported format")
+    cases["float_frames"] = (edit_manifest("float_frames", lambda m: m["graphs"]["frame_encoder"]["inputs"][0].update(
+        dtype="float32")), "frame_encoder graph's declared inputs")
+    cases["normalized_by"] = (edit_manifest("normalized_by", lambda m: m["preprocessing"].update(
+        normalized_by="host")), "normalized_by")
+    cases["swapped"] = (swap("swapped", "frame_encoder.onnx", "decode.onnx"), "has no input 'input_ids'")
+    cases["swapped_prefill"] = (swap("swapped_prefill", "decode.onnx", "prefill.onnx"), "has no input 'prefix_embeds'")
+    cases["missing_prefill"] = (copy("missing_prefill"), "prefill.onnx is missing")
+    (cases["missing_prefill"][0] / "prefill.onnx").unlink()
     d = copy("bf16")  # what a bf16 export's manifest says (its graphs keep fp32 inputs and outputs)
     manifest = json.loads((d / "manifest.json").read_text())
     manifest["precision"] = "bf16"
@@ -226,7 +291,12 @@ def test_sanitizers_are_clean(random_export, jpeg_videos, tmp_path):
     build = CPP / "build-asan"
     env = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     videos = write_list(tmp_path / "l.txt", jpeg_videos[1][:6], frames=4)
+    manifest = json.loads((Path(random_export) / "manifest.json").read_text())
+    F, S = manifest["model_config"]["frame_num"], manifest["model_config"]["img_size"]
+    (tmp_path / "crops.bin").write_bytes(np.random.default_rng(1).integers(0, 256, (5, F, 3, S, S), np.uint8).tobytes())
     runs = [run(build / "v2t-test", "errors", random_export, jpeg_videos[1][0][0], env=env, check=False),
+            run(build / "v2t-test", "pixels", random_export, tmp_path / "crops.bin", 5, 2, 3, env=env, check=False),
+            run(build / "v2t-test", "preprocess", random_export, tmp_path / "p.bin", videos, env=env, check=False),
             run(build / "v2t-test", "threads", random_export, videos, 3, env=env, check=False),
             run(build / "v2t-test", "sampling", random_export, videos, env=env, check=False),
             run(build / "v2t-test", "crops", random_export, tmp_path / "c.bin", *_test_images(tmp_path), env=env, check=False),

@@ -1,8 +1,10 @@
-// The Captioner: ONNX Runtime sessions over an export directory, and the KV-cache decoding loop
-// of v2t_engine/runtime/generator.py (prefill the frames, then one token per step for a batch of
-// rows, each row's cache columns its own). Every call keeps its own preallocated buffers: two
-// flat KV buffers per call that take turns as past and present, viewed as (B, nh, S, hs) for the
-// current length S, so the decoder writes each step's cache in place and nothing is reallocated.
+// The Captioner: ONNX Runtime sessions over an export directory (frame encoder, prefill, decode),
+// and the decoding loop of v2t_engine/runtime/generator.py with slot_decoder.py's KV cache: one
+// fixed-length buffer per cache tensor, (rows, nh, cache_len, hs) with cache_len = frame_num +
+// max_new_tokens, in which a row's column c holds position c. The prefill writes columns [0, F);
+// each step feeds every live row its last token at its position, the decode graph only reads the
+// buffer, and the returned key/value goes into column `position` of that row. Every call keeps
+// its own buffers, allocated once per batch of videos; nothing is compacted or reallocated.
 #include <sched.h>
 
 #include <algorithm>
@@ -31,6 +33,7 @@ std::string dtype_name(ONNXTensorElementDataType t) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
     default: return "element type " + std::to_string(int(t));
@@ -112,6 +115,25 @@ std::vector<std::string> names_of(const std::vector<TensorSpec>& specs) {
   return out;
 }
 
+// Ort values over the caller's memory (ONNX Runtime reads inputs and writes outputs in place).
+template <typename T>
+Ort::Value tensor(const Ort::MemoryInfo& cpu, const T* p, size_t n, const std::vector<int64_t>& shape) {
+  return Ort::Value::CreateTensor<T>(cpu, const_cast<T*>(p), n, shape.data(), shape.size());
+}
+
+// The KV cache of one batch of rows: per cache tensor (rows, nh, len, hs) in contract order,
+// zero-filled (a column no row may see still gets attention weight exactly 0, and 0 * NaN from
+// uninitialised memory would poison the row). The first n rows of a tensor are one block.
+struct KvBuffer {
+  int64_t nh, len, hs;
+  std::vector<std::vector<float>> tensors;
+
+  KvBuffer(int64_t n_tensors, int64_t rows, int64_t nh_, int64_t len_, int64_t hs_)
+      : nh(nh_), len(len_), hs(hs_), tensors(size_t(n_tensors), std::vector<float>(size_t(rows * nh_ * len_ * hs_))) {}
+  // Where row r, head h, column c of tensor t begins (hs floats; the columns of a head follow).
+  float* at(size_t t, int64_t r, int64_t h, int64_t c) { return tensors[t].data() + ((r * nh + h) * len + c) * hs; }
+};
+
 }  // namespace
 
 struct Captioner::Impl {
@@ -120,137 +142,137 @@ struct Captioner::Impl {
   ModelConfig cfg;
   LoadOptions load;
   Ort::Env env{ORT_LOGGING_LEVEL_ERROR, "v2t"};
-  Ort::Session encoder{nullptr}, decoder{nullptr};
+  Ort::Session encoder{nullptr}, prefill_graph{nullptr}, decode_graph{nullptr};
   Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeCPU);
   Ort::RunOptions encoder_run, decoder_run;
   std::unique_ptr<Detokenizer> tokenizer;
-  std::vector<std::string> enc_in, enc_out, dec_in, dec_out;
-  float lut[3][256];
+  std::vector<std::string> enc_in, enc_out, pre_in, pre_out, dec_in, dec_out;
   int decode_threads = 1;
 
-  std::vector<float> encode(const float* pixels, int64_t frames) const;
-  void prefill(const float* pixels, int64_t k, int64_t per_video, int64_t tensor, float* kv, float* logits) const;
-  std::vector<int64_t> generate_chunk(const float* pixels, int64_t k, const SearchOptions& o, int64_t T,
+  void run(const Ort::Session& session, const Ort::RunOptions& options, const std::string& file,
+           const std::vector<std::string>& in_names, std::vector<Ort::Value>& inputs,
+           const std::vector<std::string>& out_names, std::vector<Ort::Value>& outputs) const;
+  std::vector<float> encode(const uint8_t* crops, int64_t frames) const;
+  void prefill(const uint8_t* crops, int64_t k, int64_t per_video, KvBuffer& kv, float* logits) const;
+  void decode(const int64_t* ids, const int64_t* positions, int64_t n, KvBuffer& kv, float* logits,
+              std::vector<float>& fresh) const;
+  std::vector<int64_t> generate_chunk(const uint8_t* crops, int64_t k, const SearchOptions& o, int64_t T,
                                       uint64_t first_video) const;
-  void run_decoder(std::vector<Ort::Value>& inputs, std::vector<Ort::Value>& outputs) const;
-  std::vector<float> pixels_of(const std::vector<std::vector<Frame>>& videos, size_t first, size_t count) const;
-  std::vector<int64_t> generate(const float* pixels, size_t videos, const SearchOptions& o, uint64_t first_video) const;
+  std::vector<uint8_t> crops_of(const std::vector<std::vector<Frame>>& videos, size_t first, size_t count) const;
+  std::vector<int64_t> generate(const uint8_t* crops, size_t videos, const SearchOptions& o, uint64_t first_video) const;
   std::vector<std::vector<std::string>> decode_all(const std::vector<int64_t>& ids, size_t videos, int num_return) const;
 };
 
-std::vector<float> Captioner::Impl::encode(const float* pixels, int64_t frames) const {
-  const int64_t S = cfg.img_size;
-  const int64_t in_shape[4] = {frames, 3, S, S}, out_shape[2] = {frames, cfg.n_embd};
-  std::vector<float> out(size_t(frames * cfg.n_embd));
-  Ort::Value in = Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(pixels), size_t(frames * 3 * S * S), in_shape, 4);
-  Ort::Value emb = Ort::Value::CreateTensor<float>(cpu, out.data(), out.size(), out_shape, 2);
-  const char* in_name = enc_in[0].c_str();
-  const char* out_name = enc_out[0].c_str();
+void Captioner::Impl::run(const Ort::Session& session, const Ort::RunOptions& options, const std::string& file,
+                          const std::vector<std::string>& in_names, std::vector<Ort::Value>& inputs,
+                          const std::vector<std::string>& out_names, std::vector<Ort::Value>& outputs) const {
+  const auto in = c_names(in_names), out = c_names(out_names);
   try {
-    const_cast<Ort::Session&>(encoder).Run(encoder_run, &in_name, &in, 1, &out_name, &emb, 1);
+    // Session::Run is safe to call from several threads at once; the C++ wrapper just is not const.
+    const_cast<Ort::Session&>(session).Run(options, in.data(), inputs.data(), inputs.size(), out.data(),
+                                           outputs.data(), outputs.size());
   } catch (const Ort::Exception& e) {
-    fail(ErrorCode::runtime, dir + "/" + manifest.encoder_file + ": ONNX Runtime failed (" + e.what() + ")");
+    fail(ErrorCode::runtime, dir + "/" + file + ": ONNX Runtime failed (" + e.what() + ")");
   }
+}
+
+// uint8 crops (frames, 3, S, S) → frame embeddings (frames, E); the graph normalizes.
+std::vector<float> Captioner::Impl::encode(const uint8_t* crops, int64_t frames) const {
+  const int64_t S = cfg.img_size;
+  std::vector<float> out(size_t(frames * cfg.n_embd));
+  std::vector<Ort::Value> in, emb;
+  in.push_back(tensor(cpu, crops, size_t(frames * 3 * S * S), {frames, 3, S, S}));
+  emb.push_back(tensor(cpu, out.data(), out.size(), {frames, cfg.n_embd}));
+  run(encoder, encoder_run, manifest.encoder_file, enc_in, in, enc_out, emb);
   return out;
 }
 
-void Captioner::Impl::run_decoder(std::vector<Ort::Value>& inputs, std::vector<Ort::Value>& outputs) const {
-  const auto in = c_names(dec_in), out = c_names(dec_out);
-  try {
-    const_cast<Ort::Session&>(decoder).Run(decoder_run, in.data(), inputs.data(), inputs.size(), out.data(),
-                                           outputs.data(), outputs.size());
-  } catch (const Ort::Exception& e) {
-    fail(ErrorCode::runtime, dir + "/" + manifest.decoder_file + ": ONNX Runtime failed (" + e.what() + ")");
-  }
-}
-
-// Ort values over the caller's memory (a zero-size tensor still needs a valid pointer).
-static Ort::Value i64_tensor(const Ort::MemoryInfo& cpu, int64_t* p, size_t n, std::vector<int64_t> shape) {
-  static thread_local int64_t empty = 0;
-  return Ort::Value::CreateTensor<int64_t>(cpu, n ? p : &empty, n, shape.data(), shape.size());
-}
-
-static Ort::Value f32_tensor(const Ort::MemoryInfo& cpu, float* p, size_t n, std::vector<int64_t> shape) {
-  static thread_local float empty = 0.f;
-  return Ort::Value::CreateTensor<float>(cpu, n ? p : &empty, n, shape.data(), shape.size());
-}
-
-// The prefix step of k videos (their frames at positions 0..F-1, from an empty past), written
-// for R = k * per_video rows: row r holds video r / per_video's cache (R, nh, F, hs) at the start
-// of each of kv's tensors (`tensor` floats apart) and its first logits (R, V).
-void Captioner::Impl::prefill(const float* pixels, int64_t k, int64_t per_video, int64_t tensor, float* kv,
-                              float* logits) const {
+// The prefill of k videos (their frames at positions 0..F-1), written for R = k * per_video rows:
+// row r takes video r / per_video's keys/values into columns [0, F) of the buffer, and its
+// first-token logits into logits (R, V).
+void Captioner::Impl::prefill(const uint8_t* crops, int64_t k, int64_t per_video, KvBuffer& kv, float* logits) const {
   const int64_t F = cfg.frame_num, E = cfg.n_embd, nh = cfg.n_head, hs = cfg.head_dim(), V = cfg.vocab_size;
-  const int64_t nkv = 2 * cfg.n_layer, R = k * per_video;
-  std::vector<float> embeds = encode(pixels, k * F);  // (k, F, E)
-  std::vector<int64_t> positions(size_t(k * F)), mask(size_t(k * F), 1);
-  for (int64_t i = 0; i < k * F; ++i) positions[size_t(i)] = i % F;
-  std::vector<float> present(size_t(nkv * k * nh * F * hs)), first(size_t(k * V));
+  const size_t nkv = kv.tensors.size();
+  const std::vector<float> embeds = encode(crops, k * F);  // (k, F, E)
+  const size_t one = size_t(k * nh * F * hs);
+  std::vector<float> computed(nkv * one), first(size_t(k * V));  // kv_out (k, nh, F, hs) per tensor; (k, V)
   std::vector<Ort::Value> in, out;
-  in.push_back(i64_tensor(cpu, nullptr, 0, {k, 0}));
-  in.push_back(f32_tensor(cpu, embeds.data(), embeds.size(), {k, F, E}));
-  in.push_back(i64_tensor(cpu, positions.data(), positions.size(), {k, F}));
-  in.push_back(i64_tensor(cpu, mask.data(), mask.size(), {k, F}));
-  for (int64_t t = 0; t < nkv; ++t) in.push_back(f32_tensor(cpu, nullptr, 0, {k, nh, 0, hs}));
-  out.push_back(f32_tensor(cpu, first.data(), first.size(), {k, V}));
-  const size_t one = size_t(k * nh * F * hs), row = size_t(nh * F * hs);
-  for (int64_t t = 0; t < nkv; ++t) out.push_back(f32_tensor(cpu, present.data() + t * one, one, {k, nh, F, hs}));
-  run_decoder(in, out);
-  for (int64_t t = 0; t < nkv; ++t) {  // each candidate starts from its video's prefix
-    for (int64_t r = 0; r < R; ++r) std::copy_n(present.data() + t * one + (r / per_video) * row, row, kv + t * tensor + r * row);
+  in.push_back(tensor(cpu, embeds.data(), embeds.size(), {k, F, E}));
+  out.push_back(tensor(cpu, first.data(), first.size(), {k, V}));
+  for (size_t t = 0; t < nkv; ++t) out.push_back(tensor(cpu, computed.data() + t * one, one, {k, nh, F, hs}));
+  run(prefill_graph, decoder_run, manifest.prefill_file, pre_in, in, pre_out, out);
+  for (size_t t = 0; t < nkv; ++t) {
+    for (int64_t r = 0; r < k * per_video; ++r) {
+      for (int64_t h = 0; h < nh; ++h) {
+        const float* src = computed.data() + t * one + size_t(((r / per_video) * nh + h) * F * hs);
+        std::copy_n(src, F * hs, kv.at(t, r, h, 0));
+      }
+    }
   }
-  for (int64_t r = 0; r < R; ++r) std::copy_n(first.data() + (r / per_video) * V, V, logits + r * V);
+  for (int64_t r = 0; r < k * per_video; ++r) std::copy_n(first.data() + (r / per_video) * V, V, logits + r * V);
 }
 
-// One batch of k videos: token ids (k, num_return, T). The generator.py loop with every row
-// starting together: rows whose caption ended feed [PAD] and see only their own new column.
-std::vector<int64_t> Captioner::Impl::generate_chunk(const float* pixels, int64_t k, const SearchOptions& o, int64_t T,
+// One decode step of rows [0, n): token ids[r] at position positions[r], over the first n rows of
+// the buffer, which the graph only reads. Writes logits (n, V) and the step's keys/values into
+// `fresh` (per tensor (n, nh, 1, hs), one after another); the caller writes them into the buffer.
+void Captioner::Impl::decode(const int64_t* ids, const int64_t* positions, int64_t n, KvBuffer& kv, float* logits,
+                             std::vector<float>& fresh) const {
+  const int64_t nh = kv.nh, L = kv.len, hs = kv.hs, V = cfg.vocab_size;
+  const size_t nkv = kv.tensors.size(), view = size_t(n * nh * L * hs), one = size_t(n * nh * hs);
+  fresh.resize(nkv * one);
+  std::vector<Ort::Value> in, out;
+  in.push_back(tensor(cpu, ids, size_t(n), {n, 1}));
+  in.push_back(tensor(cpu, positions, size_t(n), {n, 1}));
+  for (size_t t = 0; t < nkv; ++t) in.push_back(tensor(cpu, kv.tensors[t].data(), view, {n, nh, L, hs}));
+  out.push_back(tensor(cpu, logits, size_t(n * V), {n, V}));
+  for (size_t t = 0; t < nkv; ++t) out.push_back(tensor(cpu, fresh.data() + t * one, one, {n, nh, 1, hs}));
+  run(decode_graph, decoder_run, manifest.decode_file, dec_in, in, dec_out, out);
+}
+
+// One batch of k videos: token ids (k, num_return, T). generator.py's loop with every row
+// starting together: each step runs the rows up to the last live one; rows whose caption ended
+// are fed [PAD] at a clamped position and nothing of theirs is written.
+std::vector<int64_t> Captioner::Impl::generate_chunk(const uint8_t* crops, int64_t k, const SearchOptions& o, int64_t T,
                                                      uint64_t first_video) const {
-  const int64_t F = cfg.frame_num, E = cfg.n_embd, nh = cfg.n_head, hs = cfg.head_dim(), V = cfg.vocab_size;
-  const int64_t nkv = 2 * cfg.n_layer, per_video = o.do_sample ? o.num_return : 1, R = k * per_video;
-  const int64_t pad = cfg.pad_id, capacity = F + T, tensor = R * nh * capacity * hs;
-  std::vector<float> kv[2] = {std::vector<float>(size_t(nkv * tensor)), std::vector<float>(size_t(nkv * tensor))};
-  std::vector<float> logits(size_t(R * V));
-  prefill(pixels, k, per_video, tensor, kv[0].data(), logits.data());
-  auto i64 = [&](int64_t* p, size_t n, std::vector<int64_t> shape) { return i64_tensor(cpu, p, n, std::move(shape)); };
-  auto f32 = [&](float* p, size_t n, std::vector<int64_t> shape) { return f32_tensor(cpu, p, n, std::move(shape)); };
+  const int64_t F = cfg.frame_num, nh = cfg.n_head, hs = cfg.head_dim(), V = cfg.vocab_size;
+  const int64_t per_video = o.do_sample ? o.num_return : 1, R = k * per_video, pad = cfg.pad_id;
+  // contract.cache_len: a column for every frame and every caption token, so positions are columns.
+  KvBuffer kv(2 * cfg.n_layer, R, nh, F + T, hs);
+  // slot_decoder.py's max_pos: positions fed to the graph stay inside its position table.
+  const int64_t max_pos = std::min(kv.len, cfg.block_size()) - 1;
+  std::vector<float> logits(size_t(R * V)), fresh;
+  prefill(crops, k, per_video, kv, logits.data());
   std::vector<std::mt19937_64> rngs;
   for (int64_t r = 0; r < R && o.do_sample; ++r) {
     std::seed_seq seq{uint32_t(o.seed), uint32_t(o.seed >> 32), uint32_t(first_video + r / per_video), uint32_t(r % per_video)};
     rngs.emplace_back(seq);
   }
   std::vector<int64_t> tokens(size_t(R * T), pad), count(size_t(R), 0), ids(size_t(R), pad), positions(size_t(R), 0);
+  std::vector<int64_t> pos(size_t(R), F);  // columns each row holds: the position of its next token
   std::vector<bool> live(size_t(R), true);
-  std::vector<int64_t> mask;
-  int cur = 0;
-  for (int64_t length = F;; ++length) {
-    bool any = false;
+  for (;;) {
+    int64_t active = 0;  // 1 + the last live row
     for (int64_t r = 0; r < R; ++r) {
       if (!live[r]) continue;
       const int64_t tok = select_token(logits.data() + r * V, V, o, o.do_sample ? &rngs[size_t(r)] : nullptr);
       tokens[size_t(r * T + count[r]++)] = tok;
       live[r] = tok != pad && count[r] < T;
-      any = any || live[r];
+      if (live[r]) active = r + 1;
     }
-    if (!any) break;
-    // One token step: each live row feeds its last token at its position.
-    mask.assign(size_t(R * (length + 1)), 0);
-    for (int64_t r = 0; r < R; ++r) {
+    if (active == 0) break;
+    for (int64_t r = 0; r < active; ++r) {
       ids[r] = live[r] ? tokens[size_t(r * T + count[r] - 1)] : pad;
-      positions[r] = live[r] ? length : 0;
-      std::fill_n(mask.begin() + r * (length + 1) + (live[r] ? 0 : length), live[r] ? length + 1 : 1, 1);
+      positions[r] = std::min(pos[r], max_pos);
     }
-    std::vector<Ort::Value> in, out;
-    in.push_back(i64(ids.data(), ids.size(), {R, 1}));
-    in.push_back(f32(nullptr, 0, {R, 0, E}));
-    in.push_back(i64(positions.data(), positions.size(), {R, 1}));
-    in.push_back(i64(mask.data(), mask.size(), {R, length + 1}));
-    const size_t past = size_t(R * nh * length * hs), present = size_t(R * nh * (length + 1) * hs);
-    for (int64_t t = 0; t < nkv; ++t) in.push_back(f32(kv[cur].data() + t * tensor, past, {R, nh, length, hs}));
-    out.push_back(f32(logits.data(), logits.size(), {R, V}));
-    for (int64_t t = 0; t < nkv; ++t) out.push_back(f32(kv[1 - cur].data() + t * tensor, present, {R, nh, length + 1, hs}));
-    run_decoder(in, out);
-    cur = 1 - cur;
+    decode(ids.data(), positions.data(), active, kv, logits.data(), fresh);
+    const size_t one = size_t(active * nh * hs);
+    for (int64_t r = 0; r < active; ++r) {
+      if (!live[r]) continue;
+      for (size_t t = 0; t < kv.tensors.size(); ++t) {
+        for (int64_t h = 0; h < nh; ++h) std::copy_n(fresh.data() + t * one + size_t((r * nh + h) * hs), hs, kv.at(t, r, h, pos[r]));
+      }
+      ++pos[r];
+    }
   }
   std::vector<int64_t> result(size_t(k * o.num_return * T), pad);
   for (int64_t v = 0; v < k; ++v) {
@@ -262,10 +284,11 @@ std::vector<int64_t> Captioner::Impl::generate_chunk(const float* pixels, int64_
   return result;
 }
 
-// Frames → normalized pixels (count, F, 3, S, S). Frames are decoded by up to `threads` threads
-// at once (each frame is independent); the first failing frame, in input order, is reported.
-std::vector<float> Captioner::Impl::pixels_of(const std::vector<std::vector<Frame>>& videos, size_t first,
-                                              size_t count) const {
+// Frames → uint8 crops (count, F, 3, S, S), what the frame encoder takes. Frames are decoded by up
+// to `threads` threads at once (each frame is independent); the first failing frame, in input
+// order, is reported.
+std::vector<uint8_t> Captioner::Impl::crops_of(const std::vector<std::vector<Frame>>& videos, size_t first,
+                                                size_t count) const {
   const int64_t F = cfg.frame_num, S = cfg.img_size, plane = S * S;
   for (size_t v = 0; v < count; ++v) {
     if (int64_t(videos[first + v].size()) != F) {
@@ -274,7 +297,7 @@ std::vector<float> Captioner::Impl::pixels_of(const std::vector<std::vector<Fram
                                             std::to_string(F) + " (frame_num)");
     }
   }
-  std::vector<float> pixels(size_t(count * F * 3 * plane));
+  std::vector<uint8_t> crops(size_t(count * F * 3 * plane));
   const size_t total = count * size_t(F);
   std::vector<std::exception_ptr> errors(total);
   std::atomic<size_t> next{0};
@@ -286,10 +309,7 @@ std::vector<float> Captioner::Impl::pixels_of(const std::vector<std::vector<Fram
           frame.name.empty() ? "video " + std::to_string(first + v + 1) + " frame " + std::to_string(f + 1) : frame.name;
       try {
         const std::vector<uint8_t> crop = crop_frame(frame, int(S), load.max_image_pixels, what);
-        float* out = pixels.data() + i * 3 * size_t(plane);
-        for (int64_t c = 0; c < 3; ++c) {
-          for (int64_t p = 0; p < plane; ++p) out[c * plane + p] = lut[c][crop[size_t(c * plane + p)]];
-        }
+        std::copy(crop.begin(), crop.end(), crops.begin() + long(i * 3 * size_t(plane)));
       } catch (...) {
         errors[i] = std::current_exception();
       }
@@ -303,7 +323,7 @@ std::vector<float> Captioner::Impl::pixels_of(const std::vector<std::vector<Fram
   for (const auto& e : errors) {
     if (e) std::rethrow_exception(e);
   }
-  return pixels;
+  return crops;
 }
 
 // ------------------------------------------------------------------ public surface
@@ -327,22 +347,24 @@ std::unique_ptr<Captioner> Captioner::load(const std::string& export_dir, const 
   so.SetIntraOpNumThreads(impl->decode_threads);
   so.SetInterOpNumThreads(1);
   so.SetLogSeverityLevel(3);
-  const GraphContract enc = encoder_contract(impl->cfg), dec = decoder_contract(impl->cfg);
-  impl->encoder = open_session(impl->env, export_dir + "/" + impl->manifest.encoder_file, enc, so);
-  impl->decoder = open_session(impl->env, export_dir + "/" + impl->manifest.decoder_file, dec, so);
+  const GraphContract enc = encoder_contract(impl->cfg), pre = prefill_contract(impl->cfg),
+                      dec = decode_contract(impl->cfg);
+  const Manifest& m = impl->manifest;
+  impl->encoder = open_session(impl->env, export_dir + "/" + m.encoder_file, enc, so);
+  impl->prefill_graph = open_session(impl->env, export_dir + "/" + m.prefill_file, pre, so);
+  impl->decode_graph = open_session(impl->env, export_dir + "/" + m.decode_file, dec, so);
   impl->enc_in = names_of(enc.inputs);
   impl->enc_out = names_of(enc.outputs);
+  impl->pre_in = names_of(pre.inputs);
+  impl->pre_out = names_of(pre.outputs);
   impl->dec_in = names_of(dec.inputs);
   impl->dec_out = names_of(dec.outputs);
   // As the Python backend: the encoder's arena hands its chunks back after each run.
   impl->encoder_run.AddConfigEntry("memory.enable_memory_arena_shrinkage", "cpu:0");
-  for (int c = 0; c < 3; ++c) {
-    for (int v = 0; v < 256; ++v) impl->lut[c][v] = float((v / 255.0 - impl->manifest.mean[c]) / impl->manifest.std[c]);
-  }
   return std::unique_ptr<Captioner>(new Captioner(std::move(impl)));
 }
 
-std::vector<int64_t> Captioner::Impl::generate(const float* pixels, size_t videos, const SearchOptions& o,
+std::vector<int64_t> Captioner::Impl::generate(const uint8_t* crops, size_t videos, const SearchOptions& o,
                                                uint64_t first_video) const {
   check_search_options(o);
   const int64_t limit = cfg.block_size() - cfg.frame_num;
@@ -356,7 +378,7 @@ std::vector<int64_t> Captioner::Impl::generate(const float* pixels, size_t video
   out.reserve(size_t(videos * o.num_return * T));
   for (size_t first = 0; first < videos; first += size_t(o.batch)) {
     const int64_t k = std::min<int64_t>(o.batch, int64_t(videos - first));
-    const auto chunk = generate_chunk(pixels + first * per_video, k, o, T, first_video + first);
+    const auto chunk = generate_chunk(crops + first * per_video, k, o, T, first_video + first);
     out.insert(out.end(), chunk.begin(), chunk.end());
   }
   return out;
@@ -372,13 +394,13 @@ std::vector<std::vector<std::string>> Captioner::Impl::decode_all(const std::vec
   return out;
 }
 
-std::vector<int64_t> Captioner::generate_ids(const float* pixels, size_t videos, const SearchOptions& o) const {
-  return impl_->generate(pixels, videos, o, 0);
+std::vector<int64_t> Captioner::generate_ids(const uint8_t* crops, size_t videos, const SearchOptions& o) const {
+  return impl_->generate(crops, videos, o, 0);
 }
 
-std::vector<std::vector<std::string>> Captioner::caption_pixels(const float* pixels, size_t videos,
+std::vector<std::vector<std::string>> Captioner::caption_pixels(const uint8_t* crops, size_t videos,
                                                                 const SearchOptions& o) const {
-  return impl_->decode_all(impl_->generate(pixels, videos, o, 0), videos, o.num_return);
+  return impl_->decode_all(impl_->generate(crops, videos, o, 0), videos, o.num_return);
 }
 
 std::vector<std::vector<std::string>> Captioner::caption_batch(const std::vector<std::vector<Frame>>& videos,
@@ -387,8 +409,8 @@ std::vector<std::vector<std::string>> Captioner::caption_batch(const std::vector
   std::vector<std::vector<std::string>> out;
   for (size_t first = 0; first < videos.size(); first += size_t(o.batch)) {
     const size_t k = std::min(size_t(o.batch), videos.size() - first);
-    const std::vector<float> pixels = impl_->pixels_of(videos, first, k);
-    for (auto& c : impl_->decode_all(impl_->generate(pixels.data(), k, o, first), k, o.num_return)) {
+    const std::vector<uint8_t> crops = impl_->crops_of(videos, first, k);
+    for (auto& c : impl_->decode_all(impl_->generate(crops.data(), k, o, first), k, o.num_return)) {
       out.push_back(std::move(c));
     }
   }
@@ -399,20 +421,12 @@ std::vector<std::string> Captioner::caption(const std::vector<Frame>& frames, co
   return caption_batch({frames}, o).front();
 }
 
-std::vector<float> Captioner::preprocess(const std::vector<std::vector<Frame>>& videos) const {
-  return impl_->pixels_of(videos, 0, videos.size());
+std::vector<uint8_t> Captioner::preprocess(const std::vector<std::vector<Frame>>& videos) const {
+  return impl_->crops_of(videos, 0, videos.size());
 }
 
 std::vector<uint8_t> Captioner::crop(const Frame& frame) const {
   return crop_frame(frame, int(impl_->cfg.img_size), impl_->load.max_image_pixels, frame.name.empty() ? "frame" : frame.name);
-}
-
-std::vector<float> Captioner::normalize(const std::vector<uint8_t>& crops) const {
-  const size_t plane = size_t(impl_->cfg.img_size * impl_->cfg.img_size);
-  if (crops.size() % (3 * plane) != 0) fail(ErrorCode::invalid_argument, "crops must be (n, 3, S, S) uint8");
-  std::vector<float> out(crops.size());
-  for (size_t i = 0; i < crops.size(); ++i) out[i] = impl_->lut[(i / plane) % 3][crops[i]];
-  return out;
 }
 
 std::string Captioner::decode(const int64_t* ids, size_t n) const { return impl_->tokenizer->decode(ids, n); }

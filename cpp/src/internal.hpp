@@ -41,24 +41,28 @@ struct GraphContract {
 };
 
 // contract.cpp: the one place in C++ where tensor names are spelled (as contract.py in Python).
-GraphContract encoder_contract(const ModelConfig& cfg);
-GraphContract decoder_contract(const ModelConfig& cfg);
+GraphContract encoder_contract(const ModelConfig& cfg);  // uint8 crops (N, 3, S, S) → (N, E)
+GraphContract prefill_contract(const ModelConfig& cfg);  // (B, F, E) → logits, kv_out (B, nh, F, hs)
+GraphContract decode_contract(const ModelConfig& cfg);   // one token per row over the KV buffer
+std::vector<std::string> cache_names(int64_t n_layer);   // decode's KV buffer inputs, layer-major, key first
+std::vector<std::string> kv_out_names(int64_t n_layer);  // what prefill and decode computed, same order
 extern const char* const kEncoderFile;
-extern const char* const kDecoderFile;
+extern const char* const kPrefillFile;
+extern const char* const kDecodeFile;
 extern const char* const kManifestFile;
 
 struct Manifest {
   ModelConfig config;
-  std::string encoder_file, decoder_file, tokenizer_file;
-  double mean[3] = {0, 0, 0}, std[3] = {1, 1, 1};
+  std::string encoder_file, prefill_file, decode_file, tokenizer_file;
 };
 
 // Reads and checks manifest.json as Manifest.load does: format, contract, files and their sizes.
 Manifest load_manifest(const std::string& dir);
 
 // ------------------------------------------------------------------ image.cpp
-// A frame → uint8 (3, S, S): decode (libjpeg-turbo / libpng), PIL's bicubic resize of the shorter
-// side to S, torchvision's centre crop, RGB.
+// A frame → uint8 (3, S, S), preprocess.crop_frame's crop: decode (libjpeg-turbo / libpng), PIL's
+// bicubic resize of the shorter side to S, torchvision's centre crop, RGB. Not normalized: the
+// frame encoder graph takes these bytes and normalizes them itself.
 std::vector<uint8_t> crop_frame(const Frame& frame, int size, int64_t max_pixels, const std::string& what);
 
 // ------------------------------------------------------------------ tokenizer.cpp

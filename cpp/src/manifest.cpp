@@ -86,9 +86,17 @@ void check_files(const json& files, const std::string& dir, const std::string& w
   }
 }
 
+// The format this library reads (manifest.py's FORMAT and FORMAT_VERSION). 2: three graphs
+// (frame_encoder, prefill, decode), a fixed-length KV buffer, uint8 frames into the encoder.
+constexpr const char* kFormat = "v2t-onnx";
+constexpr int64_t kFormatVersion = 2;
+
 Manifest parse(const json& data, const std::string& dir, const std::string& path) {
-  if (data.value("format", "") != "v2t-onnx" || data.value("format_version", -1) != 1) {
-    fail(ErrorCode::artifact, path + ": unsupported format; re-export with this v2t");
+  const json format = data.value("format", json()), version = data.value("format_version", json());
+  if (format != json(kFormat) || version != json(kFormatVersion)) {
+    fail(ErrorCode::artifact, path + ": unsupported format " + format.dump() + " version " + version.dump() +
+                                  " (this v2t reads " + kFormat + " version " + std::to_string(kFormatVersion) +
+                                  "); re-export with this v2t");
   }
   // ONNX Runtime's CPU provider, which this library runs, has no bfloat16 kernels: say so here
   // rather than fail inside a session.
@@ -100,17 +108,20 @@ Manifest parse(const json& data, const std::string& dir, const std::string& path
   m.config = parse_config(data.at("model_config"), path);
   const json& graphs = data.at("graphs");
   check_graph(graphs, encoder_contract(m.config), path, &m.encoder_file);
-  check_graph(graphs, decoder_contract(m.config), path, &m.decoder_file);
+  check_graph(graphs, prefill_contract(m.config), path, &m.prefill_file);
+  check_graph(graphs, decode_contract(m.config), path, &m.decode_file);
   m.tokenizer_file = data.at("tokenizer").get<std::string>();
   const json& pre = data.at("preprocessing");
   if (pre.at("img_size").get<int64_t>() != m.config.img_size || pre.at("color").get<std::string>() != "RGB") {
     fail(ErrorCode::artifact, path + ": preprocessing differs from the model config");
   }
-  for (int c = 0; c < 3; ++c) {
-    m.mean[c] = pre.at("mean").at(c).get<double>();
-    m.std[c] = pre.at("std").at(c).get<double>();
+  // The library hands the frame encoder uint8 crops and never normalizes: the graph must.
+  if (pre.at("normalized_by").get<std::string>() != "frame_encoder") {
+    fail(ErrorCode::artifact, path + ": preprocessing.normalized_by is '" + pre.at("normalized_by").get<std::string>() +
+                                  "', this v2t hands uint8 crops to a frame_encoder that normalizes them; "
+                                  "re-export with this v2t");
   }
-  for (const std::string* name : {&m.encoder_file, &m.decoder_file, &m.tokenizer_file}) {
+  for (const std::string* name : {&m.encoder_file, &m.prefill_file, &m.decode_file, &m.tokenizer_file}) {
     if (!regular_file(dir + "/" + *name)) fail(ErrorCode::artifact, dir + "/" + *name + " is missing (listed in " + path + ")");
   }
   if (data.contains("files")) check_files(data.at("files"), dir, path);

@@ -1,7 +1,11 @@
 // The test program that tests/test_cpp.py drives (also built with the sanitizers):
 //
-//   v2t-test crops EXPORT OUT.bin IMAGE...        the uint8 crops (n, 3, S, S) of image files
-//   v2t-test pixels EXPORT PIXELS.bin N BATCH     greedy captions of float32 pixels (N, F, 3, S, S)
+//   v2t-test crops EXPORT OUT.bin IMAGE...        the uint8 crops (n, 3, S, S) of image files (crop)
+//   v2t-test preprocess EXPORT OUT.bin LIST       the uint8 crops (videos, F, 3, S, S) that
+//                                                 preprocess (several decoding threads) gives
+//   v2t-test pixels EXPORT CROPS.bin N BATCH [MAX_NEW_TOKENS]
+//                                                 greedy token ids and captions of uint8 crops
+//                                                 (N, F, 3, S, S): "id id ...<TAB>caption" a video
 //   v2t-test errors EXPORT GOOD.jpg               the C API's error paths
 //   v2t-test threads EXPORT LIST THREADS          concurrent captions == single-thread captions
 //   v2t-test sampling EXPORT LIST                 seeded sampling: reproducible, batch-independent
@@ -65,14 +69,30 @@ int crops(const std::string& dir, const std::string& out_path, const std::vector
   return 0;
 }
 
-int pixels(const std::string& dir, const std::string& path, size_t n, int batch) {
+int preprocess(const std::string& dir, const std::string& out_path, const std::string& list) {
+  const auto cap = v2t::Captioner::load(dir, v2t::LoadOptions{2});  // two decoding threads
+  const auto videos = read_videos(list);
+  const auto crops = cap->preprocess(as_frames(videos));
+  std::ofstream out(out_path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(crops.data()), std::streamsize(crops.size()));
+  return 0;
+}
+
+int pixels(const std::string& dir, const std::string& path, size_t n, int batch, int max_new_tokens) {
   const auto cap = v2t::Captioner::load(dir);
-  const auto bytes = read_file(path);
-  std::vector<float> px(bytes.size() / sizeof(float));
-  std::memcpy(px.data(), bytes.data(), px.size() * sizeof(float));
+  const auto crops = read_file(path);
+  const size_t per_video = size_t(cap->frame_num()) * 3 * size_t(cap->img_size()) * size_t(cap->img_size());
+  if (crops.size() != n * per_video) throw std::runtime_error(path + " does not hold N videos' uint8 crops");
   v2t::SearchOptions opts;
   opts.batch = batch;
-  for (const auto& captions : cap->caption_pixels(px.data(), n, opts)) std::cout << captions[0] << '\n';
+  opts.max_new_tokens = max_new_tokens;
+  const auto ids = cap->generate_ids(crops.data(), n, opts);
+  const auto captions = cap->caption_pixels(crops.data(), n, opts);
+  const size_t T = ids.size() / n;
+  for (size_t v = 0; v < n; ++v) {
+    for (size_t t = 0; t < T; ++t) std::cout << (t ? " " : "") << ids[v * T + t];
+    std::cout << '\t' << captions[v][0] << '\n';
+  }
   return 0;
 }
 
@@ -202,7 +222,10 @@ int main(int argc, char** argv) {
   const std::vector<std::string> a(argv + 1, argv + argc);
   try {
     if (a.size() >= 3 && a[0] == "crops") return crops(a[1], a[2], {a.begin() + 3, a.end()});
-    if (a.size() == 5 && a[0] == "pixels") return pixels(a[1], a[2], std::stoul(a[3]), std::stoi(a[4]));
+    if (a.size() == 4 && a[0] == "preprocess") return preprocess(a[1], a[2], a[3]);
+    if ((a.size() == 5 || a.size() == 6) && a[0] == "pixels") {
+      return pixels(a[1], a[2], std::stoul(a[3]), std::stoi(a[4]), a.size() == 6 ? std::stoi(a[5]) : 0);
+    }
     if (a.size() == 3 && a[0] == "errors") return errors(a[1], a[2]);
     if (a.size() == 4 && a[0] == "threads") return threads(a[1], a[2], std::stoi(a[3]));
     if (a.size() == 3 && a[0] == "sampling") return sampling(a[1], a[2]);

@@ -97,7 +97,7 @@ void print(const std::vector<std::string>& captions) {
 struct Batch {
   size_t first = 0, n = 0;
   bool ok = false;
-  std::vector<float> pixels;
+  std::vector<uint8_t> crops;
 };
 
 Batch prepare(const v2t::Captioner& cap, const std::vector<std::vector<std::string>>& lists, size_t first, size_t n) {
@@ -107,7 +107,7 @@ Batch prepare(const v2t::Captioner& cap, const std::vector<std::vector<std::stri
     std::vector<std::vector<v2t::Frame>> frames;
     for (size_t i = first; i < first + n; ++i) videos.push_back(load_video(lists[i], cap.frame_num()));
     for (auto& v : videos) frames.push_back(v.frames);
-    b.pixels = cap.preprocess(frames);
+    b.crops = cap.preprocess(frames);
     b.ok = true;
   } catch (const v2t::Error&) {
   }
@@ -142,7 +142,7 @@ bool caption_all(const v2t::Captioner& cap, const std::vector<std::vector<std::s
     Batch b = pending.get();
     if (first + batch < lists.size()) pending = next(first + batch);
     if (b.ok) {
-      for (const auto& c : cap.caption_pixels(b.pixels.data(), b.n, opts)) print(c);
+      for (const auto& c : cap.caption_pixels(b.crops.data(), b.n, opts)) print(c);
       continue;
     }
     for (size_t i = b.first; i < b.first + b.n; ++i) ok = caption_one(cap, lists[i], i + 1, opts) && ok;

@@ -5,7 +5,6 @@ Written by `v2t export`, read by the runtime; the runtime never looks at a check
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from ..config import ModelConfig
 from .contract import DECODE_FILE, ENCODER_FILE, MANIFEST_FILE, PREFILL_FILE, graph_contracts
 from ..errors import ArtifactError, ConfigError
 from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
-from .tensorrt import MANIFEST_KEY, TIMING_CACHE_FILE, TensorRTBlock, rebuild_command
+from .tensorrt import MANIFEST_KEY, TIMING_CACHE_FILE, TensorRTBlock, file_sha256, rebuild_command
 
 FORMAT = "v2t-onnx"
 # 2: the prefill/decode pair over a fixed-length KV buffer, and uint8 frames into the encoder.
@@ -56,7 +55,7 @@ class Manifest:
         names = graphs + [self.tokenizer_file] + [n + ".data" for n in graphs if (directory / (n + ".data")).is_file()]
         names += list(self._tensorrt_files())
         return dataclasses.replace(self, files={n: {"bytes": (directory / n).stat().st_size,
-                                                    "sha256": _sha256(directory / n)} for n in names})
+                                                    "sha256": file_sha256(directory / n)} for n in names})
 
     def _tensorrt_files(self) -> dict[str, str]:
         """File → what it is, of the TensorRT files: "the decode engine", ...; none without engines."""
@@ -86,7 +85,7 @@ class Manifest:
             if size != expected["bytes"]:
                 raise ArtifactError(f"{path}{what} is {size} bytes, the manifest says {expected['bytes']}: "
                                     f"truncated or replaced; {remedy}")
-            if verify and _sha256(path) != expected["sha256"]:
+            if verify and file_sha256(path) != expected["sha256"]:
                 raise ArtifactError(f"{path}{what} does not have the SHA-256 the manifest records: edited or "
                                     f"corrupted; {remedy}")
 
@@ -172,14 +171,6 @@ def pending_validation(precision: str, reason: str) -> dict[str, Any]:
     on a machine whose ONNX Runtime has no bf16 kernels): the reason, and no figure that was not
     measured; a validated record has "validated": true and its figures."""
     return {"precision": precision, "validated": False, "greedy_token_agreement": None, "reason": reason}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_export_dir(path: str | Path) -> bool:

@@ -84,19 +84,18 @@ class Captioner {
   // Several videos, decoded `options.batch` at a time. Returns num_return captions per video.
   std::vector<std::vector<std::string>> caption_batch(const std::vector<std::vector<Frame>>& videos,
                                                       const SearchOptions& options = {}) const;
-  // Already CLIP-normalized pixels, float32 (videos, frame_num, 3, S, S): Python's `pixels`.
-  std::vector<std::vector<std::string>> caption_pixels(const float* pixels, size_t videos,
+  // uint8 crops (videos, frame_num, 3, S, S), what preprocess() or crop() give: Python's
+  // Captioner.caption_pixels. The export's frame encoder normalizes them (CLIP mean and std).
+  std::vector<std::vector<std::string>> caption_pixels(const uint8_t* crops, size_t videos,
                                                        const SearchOptions& options = {}) const;
   // Token ids (videos, num_return, max_new_tokens), pad after each caption's end.
-  std::vector<int64_t> generate_ids(const float* pixels, size_t videos, const SearchOptions& options = {}) const;
+  std::vector<int64_t> generate_ids(const uint8_t* crops, size_t videos, const SearchOptions& options = {}) const;
 
-  // Videos (frame_num frames each) → CLIP-normalized pixels (videos, frame_num, 3, S, S), what
+  // Videos (frame_num frames each) → uint8 crops (videos, frame_num, 3, S, S), what
   // caption_pixels takes: lets a caller decode the next batch while the current one is captioned.
-  std::vector<float> preprocess(const std::vector<std::vector<Frame>>& videos) const;
-  // The uint8 crop (3, S, S) that a frame becomes before normalization.
+  std::vector<uint8_t> preprocess(const std::vector<std::vector<Frame>>& videos) const;
+  // The uint8 crop (3, S, S) of one frame: Python's preprocess.crop_frame.
   std::vector<uint8_t> crop(const Frame& frame) const;
-  // Crops → normalized float32 (n, 3, S, S), with the manifest's mean and std.
-  std::vector<float> normalize(const std::vector<uint8_t>& crops) const;
   std::string decode(const int64_t* ids, size_t n) const;
 
   int frame_num() const;
