@@ -32,6 +32,7 @@ crashed CUDA context takes only its own child down. Tables go to stdout and to -
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import contextlib
 import io
 import json
@@ -125,7 +126,9 @@ def resolve(args):
     args.baseline_batch = args.baseline_batch if not tiny else min(args.baseline_batch, 4)
     args.slots = pick(args.slots, 256, 8)
     args.workers = args.workers or available_cores()
-    args.predict_backends = pick(args.predict_backends, FAST, f"torch,{FAST}").split(",")
+    # TensorRT's rows run wherever it is installed (never yet on this project's machines).
+    trt = ",trt" if importlib.util.find_spec("tensorrt") else ""
+    args.predict_backends = pick(args.predict_backends, FAST + trt, f"torch,{FAST}").split(",")
     args.precisions = (args.precisions or ("bf16,fp16" if args.device == "cuda" else "fp32")).split(",")
     # Setup always runs: every other section reads its checkpoint, and it reuses one in --workdir.
     args.sections = ["setup", *(s for s in args.sections.split(",") if s and s != "setup")]
@@ -573,13 +576,13 @@ runpy.run_module("v2t_engine.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def v2t_predict(b: Bench, backend: str, table: Path, out: Path, rows: int) -> dict:
+def v2t_predict(b: Bench, backend: str, table: Path, out: Path, rows: int, model_dir: Path | None = None) -> dict:
     """`v2t predict` in a subprocess → its timings (see _CLI_TIMED). RuntimeError when it fails."""
     from v2t_engine.cli.predict import predict_command
 
     a = b.args
     cmd = [sys.executable, "-c", _CLI_TIMED, "predict", "--tables", str(table), "--outputs", str(out),
-           "--checkpoint_dir", str(b.ck), "--input_schema", SCHEMA, "--first_sequence", "imgbase64",
+           "--checkpoint_dir", str(model_dir or b.ck), "--input_schema", SCHEMA, "--first_sequence", "imgbase64",
            "--micro_batch_size", str(a.slots), "--workers", str(a.workers), "--backend", backend,
            "--device", b.device.type]
     # The first precision where predict takes --precision (else the backend's default).
@@ -647,6 +650,8 @@ def predict_section(b: Bench) -> None:
                      f"{np.mean([caps.get(k) == v for k, v in base_caps.items()]):.1%}"])
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
     b.drop_model()  # v2t predict, a separate process, loads its own
+    if importlib.util.find_spec("tensorrt") is None:
+        notes.append("v2t predict --backend trt: skipped, no tensorrt module on this machine")
     for backend in a.predict_backends:
         name = f"v2t predict --backend {backend}"
         if backend not in backend_names():
@@ -656,7 +661,8 @@ def predict_section(b: Bench) -> None:
             notes.append(f"{name}: skipped, the section's time was spent")
             continue
         try:
-            r = v2t_predict(b, backend, tables["rows"], b.workdir / f"{backend}.out", a.rows)
+            model_dir = _trt_export(b, notes) if backend == "trt" else None
+            r = v2t_predict(b, backend, tables["rows"], b.workdir / f"{backend}.out", a.rows, model_dir)
         except Exception as err:
             rows.append(_failed(len(headers), name, a.rows))
             notes.append(f"{name}: {_brief(err)}")
@@ -667,6 +673,22 @@ def predict_section(b: Bench) -> None:
     notes.append("agreement: share of the baseline's rows whose caption v2t wrote identically; "
                  "input wait: share of the job the model waited on decoded rows (predict's input_wait_s)")
     b.emit(f"End to end on {b.device.type}: table in, captions out", headers, rows, notes)
+
+
+def _trt_export(b: Bench, notes: list[str]) -> Path:
+    """`v2t export --format trt` of the checkpoint (engines for predict's slots), timed in a note."""
+    out = b.workdir / "trt"
+    precision = b.args.precisions[0]
+    cmd = [sys.executable, "-c", "from v2t_engine.cli import main; main()", "export", "--checkpoint_dir", str(b.ck),
+           "--format", "trt",
+           "--output", str(out), "--precision", precision, "--max_batch", str(b.args.slots)]
+    began = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=max(10.0, b.section_end - time.time()))
+    if proc.returncode != 0:
+        raise RuntimeError(f"v2t export --format trt exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+    notes.append(f"v2t export --format trt --precision {precision}: {time.time() - began:.0f} s")
+    return out
 
 
 def _predict_row(name: str, n: int, r: dict, base_rate: float, base_caps: dict, caps: dict) -> list:
