@@ -38,7 +38,9 @@ RATE_OF = {"fp32": "fp32", "bf16": "bf16", "int8": "int8", "int8_encoder": "int8
 
 
 def vit_flops(cfg: ModelConfig) -> float:
-    """Floating-point operations (2 per multiply-add) of one frame through the ViT."""
+    """Floating-point operations (2 per multiply-add) of one frame through the whole ViT, as the
+    eager baselines run it. v2t's last block computes the class token alone (model.py), so its
+    TFLOP/s columns count this same work per frame: a rate of frames, not of its arithmetic."""
     T, W = cfg.img_len + 1, cfg.vit_width
     patches = 2 * cfg.img_len * 3 * cfg.vit_patch_size ** 2 * W
     # Per layer: q, k, v and output projections (4 W^2), MLP (8 W^2) per token; scores and
@@ -68,7 +70,7 @@ def gemm_rate(dtype: torch.dtype, n: int, repeats: int) -> float:
 
 @torch.inference_mode()
 def eager(vit: torch.nn.Module, frames: torch.Tensor) -> np.ndarray:
-    return vit(frames).float().numpy()
+    return vit(frames, every_token=True).float().numpy()  # the whole last block, as CLIP runs it
 
 
 def main() -> int:

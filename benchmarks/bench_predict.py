@@ -67,7 +67,7 @@ def easynlp_equivalent(model, tokenizer: CaptionTokenizer, table: Path, out: Pat
             pixels = np.stack([row_frames_or_error(r, "imgbase64", cfg.frame_num, cfg.img_size, FrameSource())[0]
                                for r in chunk])  # (B, F, 3, S, S) uint8, decoded one row after another
             frames = torch.from_numpy(normalize(pixels)).flatten(0, 1)  # (B*F, 3, S, S)
-            prefix = model.first_stage_model(frames).view(len(chunk), cfg.frame_num, -1)  # (B, F, E)
+            prefix = model.first_stage_model(frames, every_token=True).view(len(chunk), cfg.frame_num, -1)  # (B, F, E)
             tokens = recompute_greedy(model, prefix, cfg.text_len)
             for row, ids in zip(chunk, tokens.tolist()):
                 f.write(f"{row.idx}\t{json.dumps([tokenizer.decode(ids)], ensure_ascii=False)}\n")

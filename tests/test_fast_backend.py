@@ -92,6 +92,14 @@ def test_greedy_tokens_equal_the_reference(fast, reference, crops, pixels, slots
     assert np.array_equal(caption_ids(fast, crops, slots=slots), expected)
 
 
+def test_encoding_ahead_on_threads_gives_the_reference_tokens(random_checkpoint, reference, crops, pixels):
+    """What CUDA runs (generator.EncodeAhead): encode_frames on two threads at once, ahead of the
+    decoder; here on the CPU's eager ViT."""
+    ahead = FastTorchBackend(random_checkpoint)
+    ahead.encodes_ahead = True
+    assert np.array_equal(caption_ids(ahead, crops, slots=3), caption_ids(reference, pixels, slots=3))
+
+
 def test_beam_search_equals_the_reference(fast, reference, crops, pixels):
     # 7 rows: two videos' beams at a time, one row idle, beams reordered in place each step.
     expected = caption_ids(reference, pixels[:10], BEAM3, slots=7)

@@ -1,10 +1,12 @@
 """Continuous batching and the slot KV cache: greedy captions equal one-at-a-time decoding and
 the PyTorch reference; sampling is reproducible whatever the number of slots."""
+import threading
+
 import numpy as np
 import pytest
 
 from v2t_engine.runtime.backends.ort import OrtBackend
-from v2t_engine.runtime.generator import generate_candidates, stream_captions
+from v2t_engine.runtime.generator import EncodeAhead, generate_candidates, stream_captions
 from v2t_engine.runtime.search import SearchOptions
 
 
@@ -82,3 +84,52 @@ def test_generate_candidates_repeats_greedy_and_samples_each_candidate(backend, 
     assert sampled.shape == (3, 3, T) and not (sampled == sampled[:, :1]).all()
 
 
+
+
+def ahead(backend):
+    """The backend, as the generator sees one whose encoder runs on a device (EncodeAhead)."""
+    class EncodesAhead:
+        encodes_ahead = True
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+    return EncodesAhead()
+
+
+@pytest.mark.parametrize("opts", [SearchOptions(), SearchOptions(num_beams=3, num_return=2),
+                                  SearchOptions(do_sample=True, top_k=20, num_return=2)], ids=["greedy", "beams", "sampled"])
+@pytest.mark.parametrize("slots", [3, 8])
+def test_encoding_ahead_gives_the_same_tokens(backend, pixels, opts, slots):
+    """Encoded on other threads, batches ahead, partly taken: the captions of encoding in each refill."""
+    assert np.array_equal(caption_all(ahead(backend), pixels, opts, slots, seed=2),
+                          caption_all(backend, pixels, opts, slots, seed=2))
+
+
+def test_encoding_ahead_reads_in_the_callers_thread_and_a_bounded_window_ahead(backend, pixels):
+    slots = 4
+    readers, read, finished = set(), [], []
+
+    def videos():
+        for i, p in enumerate(pixels):
+            readers.add(threading.current_thread())
+            read.append(i)
+            yield i, p
+
+    for key, _ in stream_captions(ahead(backend), videos(), SearchOptions(), backend.config.text_len, slots):
+        finished.append(key)
+        # Slots hold `slots` videos; EncodeAhead holds IN_FLIGHT batches of `slots` more, and
+        # fewer than a batch encoded but not yet taken.
+        assert len(read) - len(finished) < slots * (2 + EncodeAhead.IN_FLIGHT)
+    assert readers == {threading.current_thread()}
+    assert sorted(finished) == list(range(len(pixels)))
+    assert not [t for t in threading.enumerate() if t.name.startswith("v2t-encode")]  # the pool is shut down
+
+
+def test_encoding_ahead_passes_on_errors_and_stops_its_threads(backend, pixels):
+    bad = [(i, p) for i, p in enumerate(pixels[:8])] + [(8, pixels[8][:1])]  # one video with 1 frame
+    with pytest.raises(ValueError, match="frames"):
+        list(stream_captions(ahead(backend), bad, SearchOptions(), backend.config.text_len, slots=4))
+    stream = stream_captions(ahead(backend), enumerate(pixels), SearchOptions(), backend.config.text_len, slots=2)
+    next(stream)
+    stream.close()  # a consumer that stops early
+    assert not [t for t in threading.enumerate() if t.name.startswith("v2t-encode")]

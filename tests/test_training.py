@@ -247,6 +247,26 @@ def test_hf_clip_directory_loads_into_the_frame_encoder(tmp_path, n_embd):
         torch.testing.assert_close(ours(pixels), want, atol=1e-5, rtol=1e-5)
 
 
+def test_frame_encoder_computes_the_last_blocks_class_token_alone():
+    """The last block gives the class token only (all that is read of it), the same embeddings as
+    the whole block, with less work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(vocab_size=10, n_embd=16, n_head=2, n_layer=1, frame_num=2, text_len=4, img_size=32,
+                      vit_width=32, vit_layers=2, vit_heads=4, vit_patch_size=8)
+    torch.manual_seed(0)
+    vit = VideoCaptioner(cfg).first_stage_model.eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    flops = {}
+    with torch.no_grad():
+        for every in (False, True):
+            with FlopCounterMode(display=False) as counter:
+                out = vit(pixels, every_token=every)
+            flops[every] = (counter.get_total_flops(), out)
+    torch.testing.assert_close(flops[False][1], flops[True][1], atol=1e-5, rtol=1e-5)
+    assert flops[False][0] < 0.7 * flops[True][0]  # two layers: the second costs about 1/6 of itself
+
+
 def test_hf_clip_projection_mismatch_is_a_config_error(tmp_path):
     transformers = pytest.importorskip("transformers")
     from v2t_training.clip_weights import load_clip_vision

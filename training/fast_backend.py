@@ -142,6 +142,14 @@ class FastTorchBackend(TorchBackend):
         self.compiled_vit = torch.compile(self.model.first_stage_model, dynamic=False) if compile_vit else None
         self.lut = torch.from_numpy(NORMALIZE_TABLE.copy()).reshape(-1).to(dev)  # (3 * 256,) channel-major
         self.lut_offsets = (torch.arange(3, dtype=torch.int32, device=dev) * 256).view(1, 3, 1, 1)
+        # On CUDA the generator encodes the next videos on other threads while it decodes
+        # (generator.EncodeAhead; V2T_ENCODE_AHEAD=0 encodes in each refill instead). The encoder
+        # runs on a stream of its own, so its kernels interleave with the decoder's steps instead
+        # of queueing in front of them.
+        self.encodes_ahead = dev.type == "cuda" and os.environ.get("V2T_ENCODE_AHEAD", "1") != "0"
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the weights and tables above, before another stream reads them
+        self.encoder_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def autocast(self):
         """Linear, conv and attention in the compute dtype; LayerNorm and softmax in fp32. The
@@ -172,12 +180,16 @@ class FastTorchBackend(TorchBackend):
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        x = self.device_frames(frames).to(self.dtype)
-        whole = len(x) - len(x) % ENCODER_CHUNK if self.compiled_vit is not None else 0
-        out = [self.compiled_vit(x[i:i + ENCODER_CHUNK]) for i in range(0, whole, ENCODER_CHUNK)]
-        if whole < len(x):
-            out.append(self.model.first_stage_model(x[whole:]))
-        return torch.cat(out).float().cpu().numpy()  # (N, n_embd)
+        """Thread-safe: on CUDA, every call's work goes to the encoder's stream, in call order,
+        and each call waits for its own result only."""
+        stream = torch.cuda.stream(self.encoder_stream) if self.encoder_stream is not None else contextlib.nullcontext()
+        with stream:
+            x = self.device_frames(frames).to(self.dtype)
+            whole = len(x) - len(x) % ENCODER_CHUNK if self.compiled_vit is not None else 0
+            out = [self.compiled_vit(x[i:i + ENCODER_CHUNK]) for i in range(0, whole, ENCODER_CHUNK)]
+            if whole < len(x):
+                out.append(self.model.first_stage_model(x[whole:]))
+            return torch.cat(out).float().cpu().numpy()  # (N, n_embd)
 
     def slot_decoder(self, slots: int, frame_num: int, max_new_tokens: int) -> StaticSlotDecoder:
         return StaticSlotDecoder(self, slots, frame_num, max_new_tokens, self.cuda_graphs)
@@ -262,7 +274,9 @@ class StaticSlotDecoder:
             self._warm_up(n)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the encoder's threads (generator.EncodeAhead) go on launching kernels on
+        # their own stream while this thread captures; the default mode would fail their calls.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self._run(n)
         if self.pool is None:
             self.pool = graph.pool()

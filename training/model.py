@@ -50,6 +50,16 @@ class ViTAttention(nn.Module):
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, T, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output at the first token only (B, 1, C): its query against every
+        token's key and value, without the other tokens' queries and outputs."""
+        B, T, C = x.shape
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q = F.linear(x[:, :1], w[:C], b[:C]).view(B, 1, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, 1, hs)
+        kv = F.linear(x, w[C:], b[C:]).view(B, T, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, nh, 1, hs)
+        return self.out_proj(y.transpose(1, 2).reshape(B, 1, C))
+
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, act: str, eps: float):
@@ -65,6 +75,11 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output at the first token only (B, 1, C)."""
+        x = x[:, :1] + self.attn.first_token(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -122,15 +137,22 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.constant_(self.ln_post.weight, DECODER_INIT_STD)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (N, 3, S, S) normalized pixels → (N, n_embd) one embedding per frame."""
+    def forward(self, frames: torch.Tensor, every_token: bool = False) -> torch.Tensor:
+        """frames (N, 3, S, S) normalized pixels → (N, n_embd) one embedding per frame.
+
+        Only the class token of the last block is read, so that block computes it alone (the
+        other tokens still give their keys and values): 10/12 of the block's work, 1/vit_layers
+        of the encoder's, the same result. `every_token` computes the whole last block, as CLIP
+        and EasyNLP do (the benchmarks' EasyNLP-equivalent baseline)."""
         x = self.conv1(frames)  # (N, width, g, g)
         x = x.flatten(2).transpose(1, 2)  # (N, g*g, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+g*g, width)
         x = self.ln_pre(x)
-        for block in self.transformer.resblocks:
+        *blocks, last = self.transformer.resblocks
+        for block in blocks:
             x = block(x)
+        x = last(x) if every_token else last.first_token(x)
         x = self.ln_post(x[:, 0, :])  # (N, width)
         return x @ self.proj if self.proj is not None else x
 

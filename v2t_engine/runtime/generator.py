@@ -25,7 +25,9 @@ so a caller that receives videos one at a time (a service) can feed the running 
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -36,6 +38,14 @@ from .backends.base import Backend
 from .search import BeamSearch, SearchOptions, adjust_logits, select_tokens, step_beams
 from .slot_decoder import BoundSlotDecoder, SlotDecoder
 from .state import SlotState
+
+
+def stack_pixels(videos: Sequence[Video]) -> np.ndarray:
+    """The videos' crops as one (k, F, 3, S, S) array; ValueError when their shapes differ."""
+    shapes = sorted({v[1].shape for v in videos})
+    if len(shapes) > 1:
+        raise ValueError(f"videos of one batch have frames of different shapes (frames, 3, size, size): {shapes}")
+    return np.stack([v[1] for v in videos])
 
 
 def encode_videos(backend: Backend, pixels: np.ndarray) -> np.ndarray:
@@ -122,9 +132,11 @@ class CaptionGenerator:
         wanted = refill_threshold(self.slots) if not self.is_done() else 1
         return free // self.per_video if free >= max(wanted, self.per_video) else 0
 
-    def add(self, videos: Sequence[Video]) -> None:
+    def add(self, videos: Sequence[Video], prefix: np.ndarray | None = None) -> None:
         """Start captions for (key, pixels (F, 3, S, S)) or (key, pixels, SearchOptions) in free
-        slots: one prefill for all. ValueError when they need more slots than are free."""
+        slots: one prefill for all. `prefix`, when given, is the videos' frame embeddings (k, F, E)
+        as `encode_videos` returned them (encoded ahead: `EncodeAhead`), and their pixels are not
+        read. ValueError when they need more slots than are free."""
         if not videos:
             return
         opts = [v[2] if len(v) > 2 else self.opts for v in videos]
@@ -133,17 +145,26 @@ class CaptionGenerator:
         if counts.max() > self.slots or counts.sum() > len(free):
             raise ValueError(f"{len(videos)} videos need {counts.sum()} slots, {len(free)} are free "
                              f"(of {self.slots})")
-        pixels = np.stack([v[1] for v in videos])  # (k, F, 3, S, S)
-        if self.decoder is None:
-            self.decoder = make_slot_decoder(self.backend, self.slots, pixels.shape[1], self.state.max_new)
-        elif pixels.shape[1] != self.decoder.frame_num:
-            raise ValueError(f"videos have {pixels.shape[1]} frames, the first ones had {self.decoder.frame_num}")
+        if prefix is None:
+            pixels = stack_pixels(videos)  # (k, F, 3, S, S)
+            self._check_frames(pixels.shape[1])  # before the encoder's work, not after
+            prefix = encode_videos(self.backend, pixels)
+        elif len(prefix) != len(videos):
+            raise ValueError(f"{len(videos)} videos came with {len(prefix)} frame prefixes")
+        self._check_frames(prefix.shape[1])
         rows = free[:counts.sum()]  # the lowest free slots: live rows stay packed at the front
         source = np.repeat(np.arange(len(videos)), counts)  # a video's rows share its prefix
-        self.decoder.prefill(rows, encode_videos(self.backend, pixels), source)
+        self.decoder.prefill(rows, prefix, source)
         self.state.begin(rows)
         for v, o, own in zip(videos, opts, np.split(rows, np.cumsum(counts)[:-1])):
             self._start(v[0], o, own, explicit=len(v) > 2)
+
+    def _check_frames(self, frames: int) -> None:
+        """The slot decoder, made for the first videos' frame count; ValueError for another one."""
+        if self.decoder is None:
+            self.decoder = make_slot_decoder(self.backend, self.slots, frames, self.state.max_new)
+        elif frames != self.decoder.frame_num:
+            raise ValueError(f"videos have {frames} frames, the first ones had {self.decoder.frame_num}")
 
     def _start(self, key: Any, opts: SearchOptions, rows: np.ndarray, explicit: bool) -> None:
         n = len(rows)
@@ -256,21 +277,102 @@ def make_slot_decoder(backend: Backend, slots: int, frame_num: int, max_new_toke
 def stream_captions(backend: Backend, videos: Iterable[tuple[Any, np.ndarray]], opts: SearchOptions,
                     max_new_tokens: int, slots: int = 8,
                     seed: int | None = None) -> Iterator[tuple[Any, np.ndarray]]:
-    """(key, pixels (F, 3, S, S) CLIP-normalized) pairs → (key, token ids (num_return, T)) in the
-    order captions finish, pad_id after each caption's end. Videos are read only as slots free up,
-    so a lazy iterable keeps memory flat. ``seed`` keys the sampling streams (None: fresh)."""
+    """(key, pixels (F, 3, S, S) uint8 crops) pairs → (key, token ids (num_return, T)) in the
+    order captions finish, pad_id after each caption's end. Videos are read only as slots free up
+    (or, where the backend encodes ahead, a refill or two before), so a lazy iterable keeps memory
+    flat. ``seed`` keys the sampling streams (None: fresh)."""
     gen = CaptionGenerator(backend, opts, max_new_tokens, slots, seed)
-    pending = iter(videos)
-    exhausted = False
-    while True:
-        wanted = 0 if exhausted else gen.videos_wanted()
-        if wanted:
-            batch = list(islice(pending, wanted))
-            exhausted = not batch
-            gen.add(batch)
-        if gen.is_done():
+    feed = EncodeAhead(backend, videos, gen.slots // gen.per_video)
+    try:
+        while True:
+            wanted = 0 if feed.exhausted else gen.videos_wanted()
+            if wanted:
+                gen.add(*feed.take(wanted))
+            if gen.is_done() and feed.exhausted:
+                return
+            yield from gen.generate_next_token()
+    finally:
+        feed.close()
+
+
+class EncodeAhead:
+    """The videos a generator's refills take, read from an iterable, with their frames encoded.
+
+    Where the backend's encoder runs on a device (``encodes_ahead``), the next refills' videos
+    are read and encoded before they are asked for, while the generator decodes: the device has
+    the encoder's work queued while the host does the decoder's bookkeeping between steps, and
+    stacking and copying the next frames overlaps both. Two batches are encoded at once, by two
+    threads, so one's host work overlaps the other's device work and the device never waits for
+    the next batch's frames. A batch is what a full refill takes (`batch` videos); reading happens
+    here, in the caller's thread, since the iterable may not be safe to read from another one.
+    Elsewhere (the CPU) the encoder and the decoder run on the same cores: the videos are read
+    when asked for and encoded in the refill (`take` returns no prefix)."""
+
+    IN_FLIGHT = 2  # batches encoding at once, each on its own thread
+
+    def __init__(self, backend: Backend, videos: Iterable[Video], batch: int):
+        self.backend, self.videos, self.batch = backend, iter(videos), max(1, batch)
+        self.ahead = bool(getattr(backend, "encodes_ahead", False))
+        self.pool = ThreadPoolExecutor(self.IN_FLIGHT, thread_name_prefix="v2t-encode") if self.ahead else None
+        self.pending: deque[Future] = deque()  # batches encoding, in input order
+        self.ready: list[Video] = []  # videos encoded, not yet taken (pixels dropped)
+        self.prefix: np.ndarray | None = None  # their frame embeddings
+        self.read_all = False
+
+    @property
+    def exhausted(self) -> bool:
+        """Every video was taken."""
+        return self.read_all and not self.ready and not self.pending
+
+    def take(self, n: int) -> tuple[list[Video], np.ndarray | None]:
+        """Up to `n` videos and their prefix (None: the generator encodes them), fewer only
+        once the iterable ends. Encoding ahead, it waits for batches still encoding."""
+        if not self.ahead:
+            videos = list(islice(self.videos, n))
+            self.read_all = len(videos) < n
+            return videos, None
+        first = not self.pending and not self.ready
+        while len(self.ready) < n and (self.pending or not self.read_all):
+            if not self.pending:
+                self._read_batch(inline=first)  # the first batch in this thread: a compile runs here
+                continue
+            videos, prefix = self.pending.popleft().result()
+            self.ready += videos
+            self.prefix = prefix if self.prefix is None or not len(self.prefix) else np.concatenate([self.prefix, prefix])
+            self._fill()
+        if not self.ready:
+            return [], None
+        videos, self.ready = self.ready[:n], self.ready[n:]
+        prefix, self.prefix = self.prefix[:len(videos)], self.prefix[len(videos):]
+        self._fill()
+        return videos, prefix
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.IN_FLIGHT and not self.read_all:
+            self._read_batch()
+
+    def _read_batch(self, inline: bool = False) -> None:
+        videos = list(islice(self.videos, self.batch))
+        self.read_all = len(videos) < self.batch
+        if not videos:
             return
-        yield from gen.generate_next_token()
+        future: Future = Future()
+        if inline:
+            future.set_result(_encoded(self.backend, videos))
+        else:
+            future = self.pool.submit(_encoded, self.backend, videos)
+        self.pending.append(future)
+
+    def close(self) -> None:
+        """Stops encoding ahead (batches not started are dropped) and waits for the rest."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoded(backend: Backend, videos: list[Video]) -> tuple[list[Video], np.ndarray]:
+    """The videos without their pixels, and their frame embeddings."""
+    prefix = encode_videos(backend, stack_pixels(videos))
+    return [(v[0], None, *v[2:]) for v in videos], prefix
 
 
 def generate_candidates(backend: Backend, pixels: np.ndarray, opts: SearchOptions,

@@ -10,7 +10,10 @@ A backend that steps its cache its own way (torch-fast's CUDA graphs) also has
 ``slot_decoder(slots, frame_num, max_new_tokens)``, which returns its own
 ``slot_decoder.SlotDecoder``. One whose decode graph takes a KV buffer of one length only (a
 TensorRT engine's profile fixes it) says so in ``fixed_cache_len``, which ``BoundSlotDecoder``
-allocates. ``devices`` and ``explains_refusals`` are described in ``backends/__init__.py``.
+allocates. One whose encoder runs on a device, so that encoding costs the host little and may
+overlap the decoder's steps, sets ``encodes_ahead`` (``generator.EncodeAhead``; ``encode_frames``
+is then called from other threads, at the same time as the decoder runs). ``devices`` and
+``explains_refusals`` are described in ``backends/__init__.py``.
 """
 from __future__ import annotations
 
