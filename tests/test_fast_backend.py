@@ -21,7 +21,7 @@ from v2t_engine.runtime.captioner import Captioner  # noqa: E402
 from v2t_engine.runtime.generator import CaptionGenerator, make_slot_decoder, stream_captions  # noqa: E402
 from v2t_engine.runtime.search import SearchOptions  # noqa: E402
 from v2t_engine.runtime.slot_decoder import BoundSlotDecoder, active_rows, bucket  # noqa: E402
-from v2t_training.fast_backend import FastTorchBackend, StaticSlotDecoder  # noqa: E402
+from v2t_training.fast_backend import FastTorchBackend, RegionallyCompiledViT, StaticSlotDecoder  # noqa: E402
 from v2t_training.torch_backend import TorchBackend  # noqa: E402
 
 from conftest import TEST_SCHEMA  # noqa: E402
@@ -207,6 +207,25 @@ def test_the_cpu_runs_fp32_only(random_checkpoint, precision):
 def test_fp32_may_be_asked_for_on_the_cpu(random_checkpoint):
     backend = FastTorchBackend(random_checkpoint, precision="fp32")
     assert backend.dtype == torch.float32 and not backend.cuda_graphs
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: ~10 s
+def test_the_regionally_compiled_vit_compiles_one_block_for_all_and_gives_the_eager_embeddings():
+    from torch._dynamo.utils import counters
+
+    from v2t_engine.config import ModelConfig
+    from v2t_training.model import VideoCaptioner
+
+    cfg = ModelConfig(vocab_size=10, n_embd=16, n_head=2, n_layer=1, frame_num=2, text_len=4, img_size=32,
+                      vit_width=32, vit_layers=4, vit_heads=4, vit_patch_size=8)
+    torch.manual_seed(0)
+    vit = VideoCaptioner(cfg).first_stage_model.eval()
+    torch._dynamo.reset()
+    counters.clear()
+    frames = torch.randn(8, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(RegionallyCompiledViT(vit)(frames), vit(frames), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # three blocks share one graph; the last has its own
 
 
 # ------------------------------------------------------------------------------- CUDA

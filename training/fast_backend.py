@@ -114,6 +114,27 @@ def mm_to_fp32_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+class RegionallyCompiledViT:
+    """The ViT compiled by inductor for one static frame count, block by block (PyTorch's
+    "regional compilation"): its blocks are one class with parameters of the same shapes, so one
+    compiled block's code serves all but the last, which has a compile of its own (its class
+    token alone, model.py). The patch embedding and the pooling, a few percent of the work, stay
+    eager. Compiling the whole ViT as one graph, as v2t did first, took several times as long to
+    start for no faster frames (README, "GPU")."""
+
+    def __init__(self, vit: nn.Module):
+        *blocks, last = vit.transformer.resblocks
+        self.vit = vit
+        self.blocks = [torch.compile(block, dynamic=False) for block in blocks]
+        self.last = torch.compile(last.first_token, dynamic=False)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.vit.embed(frames)
+        for block in self.blocks:
+            x = block(x)
+        return self.vit.pool(self.last(x))
+
+
 class FastTorchBackend(TorchBackend):
     name = "torch-fast"
     loads = TorchBackend.loads
@@ -139,7 +160,7 @@ class FastTorchBackend(TorchBackend):
         # head then computes from bf16 inputs into fp32, or in fp32 where cuBLAS cannot do that.
         self.head_weight = head.to(self.dtype) if mm_to_fp32_works(dev, self.dtype) else head
         compile_vit = dev.type == "cuda" and os.environ.get("V2T_TORCH_COMPILE", "1") != "0"
-        self.compiled_vit = torch.compile(self.model.first_stage_model, dynamic=False) if compile_vit else None
+        self.compiled_vit = RegionallyCompiledViT(self.model.first_stage_model) if compile_vit else None
         self.lut = torch.from_numpy(NORMALIZE_TABLE.copy()).reshape(-1).to(dev)  # (3 * 256,) channel-major
         self.lut_offsets = (torch.arange(3, dtype=torch.int32, device=dev) * 256).view(1, 3, 1, 1)
         # On CUDA the generator encodes the next videos on other threads while it decodes

@@ -144,15 +144,22 @@ class VisionTransformer(nn.Module):
         other tokens still give their keys and values): 10/12 of the block's work, 1/vit_layers
         of the encoder's, the same result. `every_token` computes the whole last block, as CLIP
         and EasyNLP do (the benchmarks' EasyNLP-equivalent baseline)."""
+        *blocks, last = self.transformer.resblocks
+        x = self.embed(frames)
+        for block in blocks:
+            x = block(x)
+        return self.pool(last(x) if every_token else last.first_token(x))
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, 3, S, S) → the first block's input (N, 1 + g*g, width): class token first."""
         x = self.conv1(frames)  # (N, width, g, g)
         x = x.flatten(2).transpose(1, 2)  # (N, g*g, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+g*g, width)
-        x = self.ln_pre(x)
-        *blocks, last = self.transformer.resblocks
-        for block in blocks:
-            x = block(x)
-        x = last(x) if every_token else last.first_token(x)
+        return self.ln_pre(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output (N, T, width), T >= 1 → (N, n_embd): its class token."""
         x = self.ln_post(x[:, 0, :])  # (N, width)
         return x @ self.proj if self.proj is not None else x
 

@@ -271,10 +271,11 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
         in_order.frontier = plan.start
         if plan.journal is not None:
             plan.journal.save(out, plan.start)  # from now on, --resume finds the job
-        # Enough rows decoded ahead for a whole refill of the slots, so the model does not wait
-        # on JPEG decoding.
+        # Enough rows decoded ahead for two whole refills of the slots, so the model does not
+        # wait on JPEG decoding: where the backend encodes ahead (generator.EncodeAhead), rows are
+        # taken a whole refill at a time, and the next refill's rows must already be decoding.
         decoded = _decoded_rows(pool, FrameDecoder.for_job(opts, cfg), plan.source,
-                                opts.micro_batch_size + 2 * workers)
+                                2 * opts.micro_batch_size + 2 * workers)
         videos = _videos(decoded, opts, in_order, report, stop)
         try:
             for seq, captions in captioner.caption_stream(videos, opts.search, opts.text_len,
