@@ -209,6 +209,16 @@ def test_fp32_may_be_asked_for_on_the_cpu(random_checkpoint):
     assert backend.dtype == torch.float32 and not backend.cuda_graphs
 
 
+def test_torch_compile_mode_is_checked(monkeypatch):
+    from v2t_training.fast_backend import compiled_vit
+
+    monkeypatch.setenv("V2T_TORCH_COMPILE", "0")
+    assert compiled_vit(torch.nn.Identity()) is None
+    monkeypatch.setenv("V2T_TORCH_COMPILE", "fast")
+    with pytest.raises(ConfigError, match="V2T_TORCH_COMPILE=fast: want one of graph, blocks, 0"):
+        compiled_vit(torch.nn.Identity())
+
+
 @pytest.mark.slow  # inductor compiles C++ on the CPU: ~10 s
 def test_the_regionally_compiled_vit_compiles_one_block_for_all_and_gives_the_eager_embeddings():
     from torch._dynamo.utils import counters

@@ -21,8 +21,8 @@ a static cache on the device and sends back only what a search asks for:
   activation kernels) for one static frame count, ``ENCODER_CHUNK``: a call's frames run in whole
   chunks through the compiled ViT and the rest eagerly, so a served request's few frames are never
   padded and only one shape is ever compiled (seconds, the first time; inductor keeps the result
-  on disk for the next process). ``V2T_TORCH_COMPILE=0`` keeps the ViT eager, for short jobs where
-  the compile would cost more than it saves.
+  on disk for the next process). ``V2T_TORCH_COMPILE`` chooses how (``compiled_vit``): as one
+  graph (the default), block by block (``blocks``: a faster start) or not at all (``0``).
 
 On the CPU it runs fp32 and eager (no graphs): that is how CI checks it against the reference
 (tests/test_fast_backend.py: the same greedy tokens through the real generator).
@@ -114,13 +114,29 @@ def mm_to_fp32_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+# V2T_TORCH_COMPILE: how the ViT is compiled on CUDA (README, "GPU", has each one's first call
+# and frames/s). "graph" (the default): the whole ViT as one graph, the fastest frames, since
+# inductor fuses across the blocks; "blocks": block by block, a fraction of the compile time for
+# a few percent fewer frames/s, for short jobs; "0": not at all.
+COMPILE_MODES = ("graph", "blocks", "0")
+
+
+def compiled_vit(vit: nn.Module):
+    """The ViT as V2T_TORCH_COMPILE asks for it, compiled for one static frame count (None: eager)."""
+    mode = os.environ.get("V2T_TORCH_COMPILE", "graph")
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"V2T_TORCH_COMPILE={mode}: want one of {', '.join(COMPILE_MODES)}")
+    if mode == "0":
+        return None
+    return torch.compile(vit, dynamic=False) if mode == "graph" else RegionallyCompiledViT(vit)
+
+
 class RegionallyCompiledViT:
     """The ViT compiled by inductor for one static frame count, block by block (PyTorch's
     "regional compilation"): its blocks are one class with parameters of the same shapes, so one
     compiled block's code serves all but the last, which has a compile of its own (its class
     token alone, model.py). The patch embedding and the pooling, a few percent of the work, stay
-    eager. Compiling the whole ViT as one graph, as v2t did first, took several times as long to
-    start for no faster frames (README, "GPU")."""
+    eager."""
 
     def __init__(self, vit: nn.Module):
         *blocks, last = vit.transformer.resblocks
@@ -159,8 +175,7 @@ class FastTorchBackend(TorchBackend):
         # bf16 logits would round a logit of 10 to steps of 0.06 and turn near ties around; the
         # head then computes from bf16 inputs into fp32, or in fp32 where cuBLAS cannot do that.
         self.head_weight = head.to(self.dtype) if mm_to_fp32_works(dev, self.dtype) else head
-        compile_vit = dev.type == "cuda" and os.environ.get("V2T_TORCH_COMPILE", "1") != "0"
-        self.compiled_vit = RegionallyCompiledViT(self.model.first_stage_model) if compile_vit else None
+        self.compiled_vit = compiled_vit(self.model.first_stage_model) if dev.type == "cuda" else None
         self.lut = torch.from_numpy(NORMALIZE_TABLE.copy()).reshape(-1).to(dev)  # (3 * 256,) channel-major
         self.lut_offsets = (torch.arange(3, dtype=torch.int32, device=dev) * 256).view(1, 3, 1, 1)
         # On CUDA the generator encodes the next videos on other threads while it decodes
