@@ -264,7 +264,7 @@ def test_frame_encoder_computes_the_last_blocks_class_token_alone():
                 out = vit(pixels, every_token=every)
             flops[every] = (counter.get_total_flops(), out)
     torch.testing.assert_close(flops[False][1], flops[True][1], atol=1e-5, rtol=1e-5)
-    assert flops[False][0] < 0.7 * flops[True][0]  # two layers: the second costs about 1/6 of itself
+    assert flops[False][0] < 0.75 * flops[True][0]  # of two blocks, the second costs about 1/4 of itself
 
 
 def test_hf_clip_projection_mismatch_is_a_config_error(tmp_path):

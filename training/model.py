@@ -51,13 +51,14 @@ class ViTAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
     def first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward`'s output at the first token only (B, 1, C): its query against every
-        token's key and value, without the other tokens' queries and outputs."""
+        """`forward`'s output at the first token only (B, 1, C): its query against every token's
+        key and value. The projection still makes every token's query, in the same one matmul:
+        slicing the stacked weight instead would leave a Slice on it in the exported graph, where
+        int8 quantization no longer sees a weight."""
         B, T, C = x.shape
-        w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(x[:, :1], w[:C], b[:C]).view(B, 1, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, 1, hs)
-        kv = F.linear(x, w[C:], b[C:]).view(B, T, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, nh, 1, hs)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        y = F.scaled_dot_product_attention(qkv[0][:, :, :1], qkv[1], qkv[2])  # (B, nh, 1, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, 1, C))
 
 
@@ -141,8 +142,8 @@ class VisionTransformer(nn.Module):
         """frames (N, 3, S, S) normalized pixels → (N, n_embd) one embedding per frame.
 
         Only the class token of the last block is read, so that block computes it alone (the
-        other tokens still give their keys and values): 10/12 of the block's work, 1/vit_layers
-        of the encoder's, the same result. `every_token` computes the whole last block, as CLIP
+        other tokens still give their keys and values): 3/4 of the block's work, 1/vit_layers of
+        the encoder's, the same result. `every_token` computes the whole last block, as CLIP
         and EasyNLP do (the benchmarks' EasyNLP-equivalent baseline)."""
         *blocks, last = self.transformer.resblocks
         x = self.embed(frames)
