@@ -102,6 +102,7 @@ def _check_same_crops_same_tokens(cpp_build, export, crops, tmp_path, batches, t
     return python
 
 
+@pytest.mark.slow  # six runs of the library, ~4 s; test_same_jpegs_give_predict_captions stays in the fast tier
 def test_same_crops_give_python_captions(cpp_build, random_export, synth_data, tmp_path):
     """Identical uint8 crops (the synthetic test clips and random-noise clips) handed to the frame
     encoder: libv2t's greedy token ids equal the Python Captioner's, in one batch, in batches of 8

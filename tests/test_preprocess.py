@@ -124,6 +124,7 @@ def test_preprocess_images_stacks_frames():
         preprocess_images([], 16)
 
 
+@pytest.mark.slow  # importing transformers alone takes ~3 s
 def test_matches_transformers_clip_image_processor():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     import logging

@@ -135,8 +135,10 @@ def test_resume_refuses_a_changed_job(tables, random_export, random_checkpoint, 
     run_cli(args(tables, random_export, out, "--overwrite"), expect_code=3)
 
 
-@pytest.mark.parametrize("sampling", [(), pytest.param(("--do_sample", "--top_k", 5, "--seed", 11), marks=pytest.mark.slow)],
-                         ids=["greedy", "seeded"])
+# slow: four predict jobs and a merge, ~4 s; the fast tier checks that shards tile the tables
+# (test_table_ranges.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [(), ("--do_sample", "--top_k", 5, "--seed", 11)], ids=["greedy", "seeded"])
 def test_four_shards_merge_into_the_single_run(tables, random_export, tmp_path, sampling):
     whole = tmp_path / "whole.txt"
     run_cli(args(tables, random_export, whole, *sampling), expect_code=3)

@@ -69,6 +69,7 @@ def test_ort_greedy_tokens_equal_pytorch_reference(random_checkpoint, backend, p
 
 def test_sampling_is_reproducible_and_independent_of_slots(backend, pixels):
     opts = SearchOptions(do_sample=True, top_k=20, temperature=1.5, num_return=2)
+    pixels = pixels[:12]
     first = caption_all(backend, pixels, opts, slots=4, seed=3)
     assert np.array_equal(first, caption_all(backend, pixels, opts, slots=4, seed=3))
     assert np.array_equal(first, caption_all(backend, pixels, opts, slots=11, seed=3))
@@ -96,9 +97,9 @@ def ahead(backend):
     return EncodesAhead()
 
 
-@pytest.mark.parametrize("opts", [SearchOptions(), SearchOptions(num_beams=3, num_return=2),
-                                  SearchOptions(do_sample=True, top_k=20, num_return=2)], ids=["greedy", "beams", "sampled"])
-@pytest.mark.parametrize("slots", [3, 8])
+@pytest.mark.parametrize("opts, slots", [(SearchOptions(), 3), (SearchOptions(num_beams=3, num_return=2), 8),
+                                         (SearchOptions(do_sample=True, top_k=20, num_return=2), 5)],
+                         ids=["greedy", "beams", "sampled"])
 def test_encoding_ahead_gives_the_same_tokens(backend, pixels, opts, slots):
     """Encoded on other threads, batches ahead, partly taken: the captions of encoding in each refill."""
     assert np.array_equal(caption_all(ahead(backend), pixels, opts, slots, seed=2),
