@@ -20,8 +20,8 @@ Sections (every table has ratios against a baseline measured in the same section
            --backend torch-fast` (the real CLI, a subprocess) vs an EasyNLP-equivalent pipeline
            on the same GPU (serial PIL decoding, eager fp32 ViT, recompute decoder, batch 32).
            "job" counts from the first row read to the last written (model loading excluded),
-           "steady" leaves out the first 10% of rows (and the rest of the step that finished the
-           last of them); process time and start-up are beside them.
+           "steady" counts from the first 10% of rows to all but the last 10% (`steady_rate`);
+           process time and start-up are beside them.
 
 Time: the sections run in child processes (setup; encoder + decoder, which share the loaded
 backends; predict), each killed at its limit: the smaller of its cap and what is left of
@@ -80,7 +80,7 @@ CAPS = {"full": {"setup": 90, "encoder": 210, "predict": 180}, "tiny": {"setup":
 OWED = {"setup": 30, "encoder": 60, "predict": 60}
 SCHEMA = "idx:str:1,imgbase64:str:1"
 KINDS = list(product(COLOURS, SHAPES, MOTIONS))
-STEADY_FROM = 0.10  # "steady" videos/s leaves out this share of the first rows (warm-up, pipeline fill)
+STEADY_FROM = 0.10  # "steady" videos/s leaves out this share of the first rows (warm-up, pipeline fill) and of the last
 BURST_S = 0.0005  # rows written this close one after another were finished by one decoder step
 FAST = "torch-fast"
 
@@ -99,11 +99,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--no-tf32", action="store_true", help="strict fp32 for the eager baselines")
     parser.add_argument("--encoder-frames", default=None, help="frames per encoder call (default 256; tiny 16)")
     parser.add_argument("--batch-sizes", default=None, help="decoder batches (default 64,128,256,512,1024; tiny 4,8)")
-    parser.add_argument("--rows", type=int, default=None, help="rows v2t predict captions (default 4096; tiny 32)")
+    parser.add_argument("--rows", type=int, default=None, help="rows v2t predict captions (default 16384; tiny 32)")
     parser.add_argument("--baseline-rows", type=int, default=None,
                         help="first rows the EasyNLP-equivalent captions (default 256; tiny 8)")
     parser.add_argument("--baseline-batch", type=int, default=32, help="the EasyNLP-equivalent's batch (EasyNLP's 32)")
-    parser.add_argument("--slots", type=int, default=None, help="v2t predict --micro_batch_size (default 256; tiny 8)")
+    parser.add_argument("--slots", type=int, default=None, help="v2t predict --micro_batch_size (default 1024; tiny 8)")
     parser.add_argument("--workers", type=int, default=None, help="v2t predict --workers (default: every core)")
     parser.add_argument("--frame-size", default="320x240", help="width x height of the table's JPEG frames")
     parser.add_argument("--predict-backends", default=None,
@@ -123,10 +123,10 @@ def resolve(args):
     args.max_seconds = pick(args.max_seconds, 5.0, 1.0)
     args.encoder_frames = [int(n) for n in pick(args.encoder_frames, "256", "16").split(",")]
     args.batch_sizes = [int(b) for b in pick(args.batch_sizes, "64,128,256,512,1024", "4,8").split(",")]
-    args.rows = pick(args.rows, 4096, 32)
+    args.rows = pick(args.rows, 16384, 32)
     args.baseline_rows = min(args.rows, pick(args.baseline_rows, 256, 8))
     args.baseline_batch = args.baseline_batch if not tiny else min(args.baseline_batch, 4)
-    args.slots = pick(args.slots, 256, 8)
+    args.slots = pick(args.slots, 1024, 8)
     args.workers = args.workers or available_cores()
     # TensorRT's rows run wherever it is installed (never yet on this project's machines).
     trt = ",trt" if importlib.util.find_spec("tensorrt") else ""
@@ -610,7 +610,7 @@ runpy.run_module("v2t_engine.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def v2t_predict(b: Bench, backend: str, table: Path, out: Path, rows: int, model_dir: Path | None = None) -> dict:
+def v2t_predict(b: Bench, backend: str, table: Path, out: Path, model_dir: Path | None = None) -> dict:
     """`v2t predict` in a subprocess → its timings (see _CLI_TIMED). RuntimeError when it fails."""
     from v2t_engine.cli.predict import predict_command
 
@@ -634,19 +634,32 @@ def v2t_predict(b: Bench, backend: str, table: Path, out: Path, rows: int, model
         raise RuntimeError(f"v2t predict exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
     t = json.loads(times_file.read_text())
     done = np.cumsum([n for _, n in t["rows"]])
-    first = int(np.searchsorted(done, max(1, int(STEADY_FROM * rows))))
-    stamps = [s for s, _ in t["rows"]]
-    # The rows written right after the first counted one, each within BURST_S of the one before,
-    # were finished by the same decoder step (captions of one length finish together): they are
-    # left out with it, or a burst's rows would count without their time.
-    burst = first
-    while burst + 1 < len(stamps) and stamps[burst + 1] - stamps[burst] < BURST_S:
-        burst += 1
-    steady = (done[-1] - done[burst]) / max(stamps[-1] - stamps[first], 1e-9) if len(stamps) > burst + 1 else None
+    steady = steady_rate([s for s, _ in t["rows"]], done)
     job_s = t["job_ended"] - t["job_started"]
     return {"job_s": job_s, "steady": steady, "wall_s": wall, "startup_s": t["job_started"] - began,
             "report": t["report"], "precision": precision or "default", "written": int(done[-1]) if len(done) else 0,
             "flags": " ".join(cmd[cmd.index("--micro_batch_size"):])}
+
+
+def steady_rate(stamps: list[float], done: np.ndarray) -> float | None:
+    """Rows per second between the row that completes the first STEADY_FROM of them and the one
+    that completes all but the last STEADY_FROM (None for too few rows). Each end is moved to the
+    last row of its burst: rows written each within BURST_S of the one before were finished by
+    one decoder step (captions of one length finish together), and a burst counts with its time or
+    not at all. The end before the last rows matters as much as the start: a pipeline that
+    encodes ahead holds work done for later rows at any point of a job but its end, where it has
+    drained, so a window up to the last row would count rows whose encoding it never timed."""
+    def burst_end(i: int) -> int:
+        while i + 1 < len(stamps) and stamps[i + 1] - stamps[i] < BURST_S:
+            i += 1
+        return i
+
+    total = int(done[-1]) if len(done) else 0
+    a = burst_end(int(np.searchsorted(done, max(1, int(STEADY_FROM * total)))))
+    b = burst_end(int(np.searchsorted(done, int((1 - STEADY_FROM) * total))))
+    if b <= a or stamps[b] <= stamps[a]:
+        return None
+    return float(done[b] - done[a]) / (stamps[b] - stamps[a])
 
 
 def _captions(path: Path) -> dict[str, str]:
@@ -702,7 +715,7 @@ def predict_section(b: Bench) -> None:
             continue
         try:
             model_dir = _trt_export(b, notes) if backend == "trt" else None
-            r = v2t_predict(b, backend, tables["rows"], b.workdir / f"{backend}.out", a.rows, model_dir)
+            r = v2t_predict(b, backend, tables["rows"], b.workdir / f"{backend}.out", model_dir)
         except Exception as err:
             rows.append(_failed(len(headers), name, a.rows))
             notes.append(f"{name}: {_brief(err)}")

@@ -1,9 +1,11 @@
 """Every benchmark script runs with --tiny and prints its table, so the scripts never rot.
 Timings here mean nothing (tiny model, shared machine); only that the scripts work is checked."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -31,3 +33,29 @@ def test_benchmark_script_runs_tiny(script, args, title, workdir):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert title in result.stdout
     assert "| --- |" in result.stdout and "target" in result.stdout
+
+
+def test_steady_rate_counts_whole_bursts_between_the_ends():
+    """Bursts of 100 rows a second (a refill of captions of one length), each burst's rows written
+    10 us apart: 100 rows/s, whatever the first and last tenth hold."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_gpu import steady_rate
+
+    stamps = [5.0 + k + i * 1e-5 for k in range(20) for i in range(100)]  # start-up: 5 s
+    stamps[-100:] = [s + 0.01 for s in stamps[-100:]]  # the last burst a little late: out of the window
+    done = np.arange(1, len(stamps) + 1)
+    assert steady_rate(stamps, done) == pytest.approx(100.0, rel=1e-3)
+    assert steady_rate(stamps[:100], done[:100]) is None  # one burst: no time between the ends
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --tiny falls back to the CPU where there is no CUDA: the script the
+    lent GPU machine runs, checked here so that it never rots between loans."""
+    env = {**os.environ, "OUT": str(tmp_path), "V2T_CHECK_INSTALL": "skip", "V2T_CHECK_SECONDS": "400"}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--tiny", "--sections", "encoder,predict"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "End to end on cpu" in report and "v2t predict --backend torch-fast (fp32)" in report
