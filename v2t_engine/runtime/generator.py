@@ -305,6 +305,8 @@ class EncodeAhead:
     threads, so one's host work overlaps the other's device work and the device never waits for
     the next batch's frames. A batch is what a full refill takes (`batch` videos); reading happens
     here, in the caller's thread, since the iterable may not be safe to read from another one.
+    The first batch is encoded in the caller's thread, alone, and encoding ahead begins at the
+    next refill: the first captions wait for no other rows.
     Elsewhere (the CPU) the encoder and the decoder run on the same cores: the videos are read
     when asked for and encoded in the refill (`take` returns no prefix)."""
 
@@ -318,6 +320,7 @@ class EncodeAhead:
         self.ready: list[Video] = []  # videos encoded, not yet taken (pixels dropped)
         self.prefix: np.ndarray | None = None  # their frame embeddings
         self.read_all = False
+        self.started = False  # the first batch was taken: from then on, IN_FLIGHT are kept encoding
 
     @property
     def exhausted(self) -> bool:
@@ -331,20 +334,24 @@ class EncodeAhead:
             videos = list(islice(self.videos, n))
             self.read_all = len(videos) < n
             return videos, None
-        first = not self.pending and not self.ready
+        if self.started:
+            self._fill()
         while len(self.ready) < n and (self.pending or not self.read_all):
             if not self.pending:
-                self._read_batch(inline=first)  # the first batch in this thread: a compile runs here
+                # The first batch, in this thread (a compile runs here), and nothing else yet: its
+                # captions start without waiting for more rows to be decoded and encoded.
+                self._read_batch(inline=True)
                 continue
             videos, prefix = self.pending.popleft().result()
             self.ready += videos
             self.prefix = prefix if self.prefix is None or not len(self.prefix) else np.concatenate([self.prefix, prefix])
-            self._fill()
+            if self.started:
+                self._fill()
+        self.started = True
         if not self.ready:
             return [], None
         videos, self.ready = self.ready[:n], self.ready[n:]
         prefix, self.prefix = self.prefix[:len(videos)], self.prefix[len(videos):]
-        self._fill()
         return videos, prefix
 
     def _fill(self) -> None:
