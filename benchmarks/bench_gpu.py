@@ -46,7 +46,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from functools import partial
 from itertools import product
 from pathlib import Path
@@ -625,30 +627,38 @@ def v2t_predict(b: Bench, backend: str, table: Path, out: Path, model_dir: Path 
         cmd += ["--precision", precision]
     times_file = b.workdir / f"times-{backend}.json"
     times_file.unlink(missing_ok=True)
+    samples = b.workdir / f"gpu-busy-{backend}.csv"
+    samples.unlink(missing_ok=True)
     began = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "V2T_BENCH_TIMES": str(times_file)},
-                          timeout=max(10.0, b.section_end - time.time()))
+    with gpu_utilization(samples):
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "V2T_BENCH_TIMES": str(times_file)},
+                              timeout=max(10.0, b.section_end - time.time()))
     wall = time.time() - began
     if proc.returncode != 0 or not times_file.exists():
         raise RuntimeError(f"v2t predict exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
     t = json.loads(times_file.read_text())
     done = np.cumsum([n for _, n in t["rows"]])
-    steady = steady_rate([s for s, _ in t["rows"]], done)
+    window = steady_window([s for s, _ in t["rows"]], done)
+    sampled = samples.read_text() if samples.exists() else ""
+    busy = [busy_share(sampled, t["job_started"], t["job_ended"]),
+            busy_share(sampled, *window[:2]) if window else None]
     job_s = t["job_ended"] - t["job_started"]
-    return {"job_s": job_s, "steady": steady, "wall_s": wall, "startup_s": t["job_started"] - began,
+    return {"job_s": job_s, "steady": window[2] / (window[1] - window[0]) if window else None, "busy": busy,
+            "wall_s": wall, "startup_s": t["job_started"] - began,
             "report": t["report"], "precision": precision or "default", "written": int(done[-1]) if len(done) else 0,
             "flags": " ".join(cmd[cmd.index("--micro_batch_size"):])}
 
 
-def steady_rate(stamps: list[float], done: np.ndarray) -> float | None:
-    """Rows per second between the row that completes the first STEADY_FROM of them and the one
-    that completes all but the last STEADY_FROM (None for too few rows). Each end is moved to the
-    last row of its burst: rows written each within BURST_S of the one before were finished by
-    one decoder step (captions of one length finish together), and a burst counts with its time or
-    not at all. The end before the last rows matters as much as the start: a pipeline that
-    encodes ahead holds work done for later rows at any point of a job but its end, where it has
-    drained, so a window up to the last row would count rows whose encoding it never timed."""
+def steady_window(stamps: list[float], done: np.ndarray) -> tuple[float, float, int] | None:
+    """(start, end, rows written between): from the row that completes the first STEADY_FROM of
+    them to the one that completes all but the last STEADY_FROM (None for too few rows). Each end
+    is moved to the last row of its burst: rows written each within BURST_S of the one before
+    were finished by one decoder step (captions of one length finish together), and a burst
+    counts with its time or not at all. The end before the last rows matters as much as the
+    start: a pipeline that encodes ahead holds work done for later rows at any point of a job but
+    its end, where it has drained, so a window up to the last row would count rows whose encoding
+    it never timed."""
     def burst_end(i: int) -> int:
         while i + 1 < len(stamps) and stamps[i + 1] - stamps[i] < BURST_S:
             i += 1
@@ -659,7 +669,41 @@ def steady_rate(stamps: list[float], done: np.ndarray) -> float | None:
     b = burst_end(int(np.searchsorted(done, int((1 - STEADY_FROM) * total))))
     if b <= a or stamps[b] <= stamps[a]:
         return None
-    return float(done[b] - done[a]) / (stamps[b] - stamps[a])
+    return stamps[a], stamps[b], int(done[b] - done[a])
+
+
+@contextlib.contextmanager
+def gpu_utilization(path: Path) -> Iterator[None]:
+    """Samples of the GPU's utilization (nvidia-smi: the share of each sample period in which a
+    kernel ran) written to `path` every 100 ms while the block runs; nothing where there is no
+    nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        yield
+        return
+    with open(path, "w") as out:
+        sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                                    "-lms", "100", "-i", "0"], stdout=out, stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            sampler.terminate()
+            sampler.wait(timeout=10)
+
+
+def busy_share(samples: str, start: float, end: float) -> float | None:
+    """Mean GPU utilization (0-1) of nvidia-smi's samples (`timestamp, percent` lines; local
+    time, as time.time() counts) taken between `start` and `end`; None without any."""
+    values = []
+    for line in samples.splitlines():
+        try:
+            stamp, percent = (field.strip() for field in line.split(","))
+            when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            value = float(percent)
+        except ValueError:
+            continue  # a header, a partial last line or "[N/A]"
+        if start <= when <= end:
+            values.append(value / 100)
+    return float(np.mean(values)) if values else None
 
 
 def _captions(path: Path) -> dict[str, str]:
@@ -684,7 +728,7 @@ def predict_section(b: Bench) -> None:
 
     a = b.args
     headers = ["pipeline", "rows", "videos/s (job)", "videos/s (steady)", "x EasyNLP (job)", "x EasyNLP (steady)",
-               "process s", "start-up s", "input wait", "agreement"]
+               "process s", "start-up s", "input wait", "GPU busy (job / steady)", "agreement"]
     began = time.perf_counter()
     tables = make_tables(b)  # before any CUDA work here: the table makers are forked
     notes = [f"table: {a.rows} rows of {b.cfg.frame_num} {a.frame_size} JPEG frames, made in "
@@ -699,7 +743,7 @@ def predict_section(b: Bench) -> None:
         base_rate, base_caps = (rate, caps) if base_rate is None else (base_rate, base_caps)
         label = "TF32 matmuls" if tf32 else "fp32 matmuls, as EasyNLP runs"
         rows.append([f"EasyNLP-equivalent (batch {a.baseline_batch}, {label})", a.baseline_rows, rate, rate,
-                     rate / base_rate, rate / base_rate, "-", "-", "-", "identical" if caps == base_caps else
+                     rate / base_rate, rate / base_rate, "-", "-", "-", "-", "identical" if caps == base_caps else
                      f"{np.mean([caps.get(k) == v for k, v in base_caps.items()]):.1%}"])
     torch.backends.cuda.matmul.allow_tf32 = not a.no_tf32
     b.drop_model()  # v2t predict, a separate process, loads its own
@@ -724,7 +768,9 @@ def predict_section(b: Bench) -> None:
                                  _captions(b.workdir / f"{backend}.out")))
         notes.append(f"{name}: v2t predict ... {r['flags']}")
     notes.append("agreement: share of the baseline's rows whose caption v2t wrote identically; "
-                 "input wait: share of the job the model waited on decoded rows (predict's input_wait_s)")
+                 "input wait: share of the job the model waited on decoded rows (predict's input_wait_s); "
+                 "GPU busy: mean of nvidia-smi's utilization, sampled every 100 ms, over the job and over "
+                 "the steady window (n/a without nvidia-smi)")
     b.emit(f"End to end on {b.device.type}: table in, captions out", headers, rows, notes)
 
 
@@ -751,8 +797,9 @@ def _predict_row(name: str, n: int, r: dict, base_rate: float, base_caps: dict, 
     wait, span = r["report"].get("input_wait_s"), r["report"].get("wall_s") or r["job_s"]
     same = [caps.get(k) == v for k, v in base_caps.items()]
     agree = float(np.mean(same)) if same else float("nan")
+    busy = " / ".join("n/a" if share is None else f"{share:.0%}" for share in r["busy"])
     return [name, r["written"], job_rate, steady, job_rate / base_rate, steady / base_rate, r["wall_s"],
-            r["startup_s"], f"{wait / span:.0%}" if isinstance(wait, (int, float)) else "n/a",
+            r["startup_s"], f"{wait / span:.0%}" if isinstance(wait, (int, float)) else "n/a", busy,
             "identical" if agree == 1.0 else f"{agree:.1%}"]
 
 

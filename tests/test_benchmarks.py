@@ -40,13 +40,28 @@ def test_steady_rate_counts_whole_bursts_between_the_ends():
     10 us apart: 100 rows/s, whatever the first and last tenth hold."""
     pytest.importorskip("torch")
     sys.path.insert(0, str(BENCHMARKS))
-    from bench_gpu import steady_rate
+    from bench_gpu import steady_window
 
     stamps = [5.0 + k + i * 1e-5 for k in range(20) for i in range(100)]  # start-up: 5 s
     stamps[-100:] = [s + 0.01 for s in stamps[-100:]]  # the last burst a little late: out of the window
     done = np.arange(1, len(stamps) + 1)
-    assert steady_rate(stamps, done) == pytest.approx(100.0, rel=1e-3)
-    assert steady_rate(stamps[:100], done[:100]) is None  # one burst: no time between the ends
+    start, end, rows = steady_window(stamps, done)
+    assert rows / (end - start) == pytest.approx(100.0, rel=1e-3)
+    assert steady_window(stamps[:100], done[:100]) is None  # one burst: no time between the ends
+
+
+def test_gpu_busy_share_averages_the_samples_inside_the_window():
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(BENCHMARKS))
+    from datetime import datetime
+
+    from bench_gpu import busy_share
+
+    t0 = datetime(2026, 11, 27, 13, 47, 1).timestamp()
+    lines = [f"{datetime.fromtimestamp(t0 + i / 10).strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]}, {v}"
+             for i, v in enumerate([0, 100, 100, 50, 0])] + ["2026/11/27 13:47:02.000, [N/A]", "2026/11/2"]
+    assert busy_share("\n".join(lines), t0 + 0.05, t0 + 0.35) == pytest.approx(250 / 3 / 100)
+    assert busy_share("\n".join(lines), t0 + 9, t0 + 10) is None
 
 
 @pytest.mark.slow
