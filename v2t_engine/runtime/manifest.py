@@ -15,7 +15,7 @@ from ..config import ModelConfig
 from .contract import DECODE_FILE, ENCODER_FILE, MANIFEST_FILE, PREFILL_FILE, graph_contracts
 from ..errors import ArtifactError, ConfigError
 from ..inputs.preprocess import CLIP_MEAN, CLIP_STD
-from .tensorrt import MANIFEST_KEY, TIMING_CACHE_FILE, TensorRTBlock, file_sha256, rebuild_command
+from .tensorrt import MANIFEST_KEY, TensorRTBlock, file_sha256, rebuild_command
 
 FORMAT = "v2t-onnx"
 # 2: the prefill/decode pair over a fixed-length KV buffer, and uint8 frames into the encoder.
@@ -58,11 +58,12 @@ class Manifest:
                                                     "sha256": file_sha256(directory / n)} for n in names})
 
     def _tensorrt_files(self) -> dict[str, str]:
-        """File → what it is, of the TensorRT files: "the decode engine", ...; none without engines."""
+        """File → what it is, of the TensorRT engines: "the decode engine", ...; none without
+        engines. The timing cache beside them (TIMING_CACHE_FILE) is not among them: only a
+        rebuild reads it, and one without it only takes longer, so it may be deleted."""
         if self.tensorrt is None:
             return {}
-        engines = {record.engine: f"the {graph} engine" for graph, record in self.tensorrt.engines.items()}
-        return {**engines, TIMING_CACHE_FILE: "the TensorRT timing cache"}
+        return {record.engine: f"the {graph} engine" for graph, record in self.tensorrt.engines.items()}
 
     def _remedy(self, directory: Path, name: str) -> tuple[str, str]:
         """(what file `name` is, for a message, and how to make it again): a TensorRT file is
