@@ -50,7 +50,6 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from functools import partial
-from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +57,7 @@ import torch
 
 from bench_decoder import PrefixFeed
 from bench_encoder import vit_flops
+from bench_input import clip_field
 from common import (SEED, base_parser, describe, measure, never_end, print_table, recompute_greedy, setup,
                     synthetic_tokenizer)
 from v2t_engine.concurrency import available_cores
@@ -65,7 +65,6 @@ from v2t_engine.config import ModelConfig
 from v2t_engine.inputs.frames import FrameSource, row_frames_or_error
 from v2t_engine.inputs.preprocess import CLIP_MEAN, CLIP_STD, normalize
 from v2t_engine.inputs.tables import InputSchema, read_table
-from v2t_engine.jobs.synth import COLOURS, MOTIONS, SHAPES, encode_frames, make_clip
 from v2t_engine.runtime.captioner import Captioner
 from v2t_engine.runtime.generator import CaptionGenerator
 from v2t_engine.runtime.search import SearchOptions
@@ -81,7 +80,6 @@ GROUPS = (("setup",), ("encoder", "decoder"), ("predict",))
 CAPS = {"full": {"setup": 90, "encoder": 210, "predict": 180}, "tiny": {"setup": 60, "encoder": 120, "predict": 120}}
 OWED = {"setup": 30, "encoder": 60, "predict": 60}
 SCHEMA = "idx:str:1,imgbase64:str:1"
-KINDS = list(product(COLOURS, SHAPES, MOTIONS))
 STEADY_FROM = 0.10  # "steady" videos/s leaves out this share of the first rows (warm-up, pipeline fill) and of the last
 BURST_S = 0.0005  # rows written this close one after another were finished by one decoder step
 FAST = "torch-fast"
@@ -540,13 +538,6 @@ def decoder_section(b: Bench) -> None:
 # The predict section
 
 
-def _clip_field(i: int, frame_num: int, size: tuple[int, int]) -> str:
-    """Row i's frames field: one of KINDS' clips, drawn from its own seed."""
-    colour, shape, motion = KINDS[i % len(KINDS)]
-    return encode_frames(make_clip(np.random.default_rng([SEED, i]), colour, shape, motion,
-                                   frames=frame_num, size=size))
-
-
 def make_tables(b: Bench) -> dict[str, Path]:
     """rows.txt (--rows rows), base.txt (its first --baseline-rows) and warm.txt (other clips, one
     baseline batch). The first rows are distinct clips; later rows repeat them, which costs a
@@ -555,7 +546,7 @@ def make_tables(b: Bench) -> dict[str, Path]:
     a, cfg = b.args, b.cfg
     size = tuple(int(v) for v in a.frame_size.split("x"))
     distinct = min(a.rows, max(a.baseline_rows, 512))
-    fields_of = partial(_clip_field, frame_num=cfg.frame_num, size=size)
+    fields_of = partial(clip_field, frame_num=cfg.frame_num, size=size)
     ids = [*range(distinct), *range(distinct, distinct + a.baseline_batch)]
     with ProcessPoolExecutor(available_cores(), mp_context=multiprocessing.get_context("fork")) as pool:
         fields = list(pool.map(fields_of, ids, chunksize=8))

@@ -35,6 +35,16 @@ def test_benchmark_script_runs_tiny(script, args, title, workdir):
     assert "| --- |" in result.stdout and "target" in result.stdout
 
 
+def test_input_benchmark_runs_tiny(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_input.py"), "--tiny", "--repeats", "1",
+                             "--processes", "2", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    for method in ("| threads |", "| processes, pickled crops |", "| processes, shared memory |",
+                   "| processes, shared memory (predict) | 2 | 8 |"):
+        assert method in result.stdout
+
+
 def test_steady_rate_counts_whole_bursts_between_the_ends():
     """Bursts of 100 rows a second (a refill of captions of one length), each burst's rows written
     10 us apart: 100 rows/s, whatever the first and last tenth hold."""

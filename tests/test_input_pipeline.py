@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -25,7 +24,9 @@ from v2t_engine.inputs.table_ranges import read_tables
 from v2t_engine.inputs.tables import InputSchema, TableRow
 from v2t_engine.jobs import predict as predict_module
 from v2t_engine.jobs.journal import record_path
-from v2t_engine.jobs.predict import DecodeWorkerDied, FrameDecoder, PredictOptions, predict_tables
+from v2t_engine.jobs import decoding
+from v2t_engine.jobs.decoding import CropSlots, DecodePool, FrameDecoder, decoded_rows
+from v2t_engine.jobs.predict import DecodeWorkerDied, PredictOptions, predict_tables
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,100 @@ def test_the_model_is_handed_uint8_crops(synth_data):
     placed = read_tables([str(synth_data["test"])], InputSchema.parse(TEST_SCHEMA), 1 << 20)
     opts = PredictOptions(tables=(), outputs="x", input_schema=InputSchema.parse(TEST_SCHEMA),
                           first_sequence="imgbase64")
-    with ThreadPoolExecutor(1) as pool:
-        decoded = predict_module._decoded_rows(pool, decode, placed, 4)
+    with DecodePool(0, 1, decode.crop_shape) as pool:
+        decoded = decoded_rows(pool, decode, placed, 4)
         videos = list(predict_module._videos(decoded, opts, SimpleNamespace(expect=lambda *a: None),
                                              predict_module.PredictReport(outputs="x"), SimpleNamespace(signal=None)))
     assert len(videos) == 24 and all(v[1].dtype == np.uint8 for v in videos)
+
+
+def _table_rows(table) -> list[TableRow]:
+    placed = read_tables([str(table)], InputSchema.parse(TEST_SCHEMA), 1 << 20)
+    return [p.item for p in placed if isinstance(p.item, TableRow)]
+
+
+@dataclass(frozen=True)
+class LateOnEvenRows(FrameDecoder):
+    """Rows finish out of input order: every other row takes a while longer."""
+
+    def __call__(self, item):
+        if isinstance(item, TableRow) and item.line_no % 2 == 0:
+            time.sleep(0.05)
+        return super().__call__(item)
+
+
+def test_processes_hand_crops_back_through_shared_memory(table):
+    """More rows than slots, all submitted and none consumed, finishing out of order: every one
+    arrives (a slot is freed as its result arrives, not when the consumer reaches the row) with
+    the crops a thread decodes, and every slot is free again at the end."""
+    decode = LateOnEvenRows("imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"])
+    rows = _table_rows(table)
+    with DecodePool(2, 0, decode.crop_shape, chunk=2) as pool:
+        assert pool.slots.count == 12 and len(rows) > 2 * pool.slots.count
+        futures = [pool.submit(decode, rows[i:i + 2]) for i in range(0, len(rows), 2)]
+        got = [d for f in futures for d in f.result(timeout=120)]
+        free = [pool.slots._free.get() for _ in range(pool.slots.count)]
+        assert sorted(free) == list(range(pool.slots.count)) and pool.slots._free.empty()
+    for row, d in zip(rows, got):
+        want = decode(row)
+        assert d.slot is None and (d.error is None) == (want.error is None), row.idx
+        if want.error is None:
+            assert d.pixels.dtype == np.uint8 and np.array_equal(d.pixels, want.pixels), row.idx
+        else:
+            assert d.error.reason == want.error.reason
+
+
+def test_a_worker_writes_its_crops_to_a_slot(table):
+    decode = FrameDecoder("imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"])
+    row = _table_rows(table)[0]
+    with DecodePool(1, 0, decode.crop_shape) as pool:
+        [raw] = pool.executor.submit(decoding._decode_into_slots, decode, [row]).result()
+        assert raw.pixels is None and raw.slot is not None
+        assert np.array_equal(pool.slots.take(raw.slot), decode(row).pixels)
+
+
+def test_crops_that_fit_no_slot_come_back_pickled(table):
+    """A decoder whose crops are not the slots' shape still works: its rows cross the pipe."""
+    decode = FrameDecoder("imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"])
+    rows = _table_rows(table)[:4]
+    wrong = (decode.frame_num + 1, *decode.crop_shape[1:])
+    with DecodePool(1, 0, wrong) as pool:
+        got = pool.submit(decode, rows).result(timeout=60)
+    for row, d in zip(rows, got):
+        assert np.array_equal(d.pixels, decode(row).pixels)
+
+
+def test_crop_slots_pickle_only_to_starting_workers():
+    """The shared memory's descriptor and queue go to workers as they start, never in a task
+    (ForkingPickler: how a process pool sends tasks)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    with pytest.raises(RuntimeError, match="inheritance"):
+        ForkingPickler.dumps(CropSlots(2, (1, 3, 4, 4)))
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_rows_decoded_a_chunk_per_task_keep_their_order_and_errors(table, chunk):
+    """Processes given several rows per task, bad lines of the reader among them, hand back
+    every row in input order, each with its place, as threads a row at a time do."""
+    decode = FrameDecoder("imgbase64", TINY_ARCH["frame_num"], TINY_ARCH["img_size"])
+
+    def rows(pool):
+        placed = read_tables([str(table)], InputSchema.parse(TEST_SCHEMA), 1 << 20)
+        return [(d.placed.item.line_no, None if d.error is None else (d.error.line_no, d.error.reason), d.pixels)
+                for d in decoded_rows(pool, decode, placed, 4 * chunk)]
+
+    with DecodePool(0, 2, decode.crop_shape) as pool:
+        want = rows(pool)
+    with DecodePool(2, 0, decode.crop_shape, chunk=chunk) as pool:
+        got = rows(pool)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert any(w[1] is not None and "column" in w[1][1] for w in want)  # a reader's RowError
+    for g, w in zip(got, want):
+        assert (g[2] is None) == (w[2] is None) and (w[2] is None or np.array_equal(g[2], w[2]))
+
+
+def test_rows_per_task():
+    assert decoding.rows_per_task(2 * 1024 + 30, 15) == 8  # a GPU host's predict
+    assert decoding.rows_per_task(2 * 4 + 4, 2) == 1  # a small job: every process gets rows
+    assert decoding.rows_per_task(130, 1) == 8

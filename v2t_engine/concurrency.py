@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from itertools import islice
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -41,6 +42,13 @@ def in_order(items: Iterable[T], submit: Callable[[T], H], collect: Callable[[T,
         yield first, collect(first, handle)
 
 
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last may be shorter), read as they are consumed."""
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
 def map_ahead(pool: Executor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
     """fn(item) for every item, computed in `pool` while the consumer works on earlier results,
     in input order, at most `window` in flight (Executor.map would read the whole input first)."""
@@ -61,24 +69,39 @@ def available_cores() -> int:
 PARENT_POLL_S = 1.0
 
 
-def worker_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
-    """A pool of `workers` processes for work submitted by a job that handles its own SIGINT and
-    SIGTERM (predict drains: it finishes the rows in flight, which needs its workers).
-
-    The workers start clean (forkserver, preloading the modules named in `preload`, else spawn),
-    never as a fork of a parent that already runs ONNX Runtime threads: forking threads can
-    deadlock. So what they run must be picklable: top-level functions, or objects of top-level
-    classes. They ignore SIGINT and SIGTERM (`ignore_stop_signals`): a Ctrl-C reaches every
-    process of the terminal's process group, and a worker it killed would turn the parent's clean
-    stop into a broken pool. Since they ignore those signals, they leave by themselves once the
-    parent is gone (killed with SIGKILL, say), instead of waiting forever for work."""
+def worker_context(preload: Sequence[str] = ()) -> multiprocessing.context.BaseContext:
+    """How worker processes start: forkserver where there is one, preloading the modules named in
+    `preload` (no effect once the server runs: only a speed-up), else spawn. Never as a fork of a
+    parent that already runs ONNX Runtime threads: forking threads can deadlock. So what workers
+    run must be picklable: top-level functions, or objects of top-level classes."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         if preload:
-            ctx.set_forkserver_preload(list(preload))  # no effect once the server runs: only a speed-up
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_stop_signals, initargs=(os.getpid(),))
+            ctx.set_forkserver_preload(list(preload))
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def worker_pool(workers: int, preload: Sequence[str] = (),
+                init: tuple[Callable, tuple] | None = None) -> ProcessPoolExecutor:
+    """A pool of `workers` processes (started as `worker_context(preload)` says) for work
+    submitted by a job that handles its own SIGINT and SIGTERM (predict drains: it finishes the
+    rows in flight, which needs its workers). `init`, (function, args), runs in each worker as it
+    starts.
+
+    The workers ignore SIGINT and SIGTERM (`ignore_stop_signals`): a Ctrl-C reaches every
+    process of the terminal's process group, and a worker it killed would turn the parent's clean
+    stop into a broken pool. Since they ignore those signals, they leave by themselves once the
+    parent is gone (killed with SIGKILL, say), instead of waiting forever for work."""
+    return ProcessPoolExecutor(workers, mp_context=worker_context(preload), initializer=_start_worker,
+                               initargs=(os.getpid(), init))
+
+
+def _start_worker(parent: int, init: tuple[Callable, tuple] | None) -> None:
+    ignore_stop_signals(parent)
+    if init is not None:
+        fn, args = init
+        fn(*args)
 
 
 def ignore_stop_signals(parent: int | None = None) -> None:

@@ -35,8 +35,8 @@ from .errors import ConfigError, RowError, import_optional
 from .inputs.tables import DEFAULT_MAX_ROW_BYTES, InputSchema, TableRow
 from .inputs.writer import TableOutput
 from .inputs.table_ranges import PlacedRow, read_tables, shard_bounds
-from .jobs.predict import (FrameDecoder, PredictOptions, PredictReport, StoppedAtBadRow, _output_fields,
-                           row_search)
+from .jobs.decoding import FrameDecoder
+from .jobs.predict import PredictOptions, PredictReport, StoppedAtBadRow, _output_fields, row_search
 from .runtime.captioner import Captioner
 from .runtime.manifest import Manifest, is_export_dir
 
@@ -132,7 +132,7 @@ def _kept_columns(opts: PredictOptions) -> list[str]:
 
 def decode_frames(batch: pa.Table, opts: PredictOptions, cfg: ModelConfig) -> pa.Table:
     """map_batches stage for CPU tasks (pyarrow batches): the frames column → PIXELS, uint8
-    (F, 3, S, S) as bytes, with local predict's decoder (`jobs.predict.FrameDecoder`); a row whose
+    (F, 3, S, S) as bytes, with local predict's decoder (`jobs.decoding.FrameDecoder`); a row whose
     frames are bad gets its reason in ERROR. The frames column is dropped unless the output
     asks for it."""
     decode = FrameDecoder.for_job(opts, cfg)

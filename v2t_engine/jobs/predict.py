@@ -4,7 +4,6 @@ input order, and report bad rows without stopping. gen_text is a JSON array of t
 (output_format "easynlp") exactly what EasyNLP's predictor writes."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -12,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +19,15 @@ from typing import NoReturn, TypeVar
 import numpy as np
 
 from ..config import ModelConfig
-from .. import concurrency
-from ..concurrency import available_cores, worker_pool
 from ..errors import ConfigError, RowError, V2TError
-from ..inputs.frames import FrameSource, row_frames_or_error
+from ..inputs.frames import FrameSource
 from ..inputs.table_ranges import PlacedRow, TablePosition, read_tables, shard_bounds
 from ..inputs.tables import DEFAULT_MAX_ROW_BYTES, FRAMES_COLUMN, IDX_COLUMN, InputSchema, TableRow, count_lines
 from ..inputs.writer import TableOutput, TableReport
 from ..params import get_int
 from ..runtime.captioner import Captioner
 from ..runtime.search import SearchOptions
+from .decoding import Decoded, DecodePool, FrameDecoder, decode_processes, decoded_rows, rows_per_task
 from .journal import JobRecord, Progress, job_identity, record_path
 
 log = logging.getLogger(__name__)
@@ -62,7 +59,7 @@ class PredictOptions:
     on_error: str = "skip"  # skip: report and go on; fail: stop at the first bad row
     frame_source: FrameSource = field(default_factory=FrameSource)
     workers: int = 2  # threads decoding frames, when decode_processes is 0
-    # Processes decoding frames: 0 decodes in `workers` threads; None: see decode_processes().
+    # Processes decoding frames: 0 decodes in `workers` threads; None: see decoding.decode_processes().
     decode_processes: int | None = None
     output_format: str = "json"  # one of OUTPUT_FORMATS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES  # longer table lines are row errors, never read whole
@@ -152,26 +149,6 @@ class StoppedAtBadRow(V2TError):
 
 class DecodeWorkerDied(V2TError):
     """A frame-decoding process died (killed for memory, or a crash in an image library)."""
-
-
-@dataclass
-class _Decoded:
-    """A row's frames, decoded: what a decode worker sends back (the row stays with the caller)."""
-    pixels: np.ndarray | None = None  # uint8 (F, 3, S, S)
-    padded: int = 0
-    error: RowError | None = None
-    placed: PlacedRow | None = None  # set by the caller
-
-    def __reduce__(self):
-        # RowError takes (line_no, idx, reason) but pickles, as exceptions do, as its message
-        # alone, which it cannot be rebuilt from: a worker process sends the three fields.
-        err = self.error
-        fields = None if err is None else (err.line_no, err.idx, err.reason)
-        return _unpickle_decoded, (self.pixels, self.padded, fields, self.placed)
-
-
-def _unpickle_decoded(pixels, padded, error, placed) -> _Decoded:
-    return _Decoded(pixels, padded, None if error is None else RowError(*error), placed)
 
 
 class _InOrder:
@@ -265,17 +242,14 @@ def predict_tables(captioner: Captioner, opts: PredictOptions, progress=None,
     plan = _plan(opts, rows, model_dir, resume)
     report = PredictReport(outputs=opts.outputs, written=plan.written, failed=plan.failed)
     existing = "resume" if resume else "replace" if overwrite else "refuse"
-    with TableOutput(report, existing, plan.resume_at) as out, _decode_pool(opts) as (pool, workers), \
-            _StopRequest() as stop:
+    decode = FrameDecoder.for_job(opts, cfg)
+    pool, window = _decode_pool(opts, decode)
+    with TableOutput(report, existing, plan.resume_at) as out, pool, _StopRequest() as stop:
         in_order = _InOrder(out, opts, progress, plan.journal)
         in_order.frontier = plan.start
         if plan.journal is not None:
             plan.journal.save(out, plan.start)  # from now on, --resume finds the job
-        # Enough rows decoded ahead for two whole refills of the slots, so the model does not
-        # wait on JPEG decoding: where the backend encodes ahead (generator.EncodeAhead), rows are
-        # taken a whole refill at a time, and the next refill's rows must already be decoding.
-        decoded = _decoded_rows(pool, FrameDecoder.for_job(opts, cfg), plan.source,
-                                2 * opts.micro_batch_size + 2 * workers)
+        decoded = decoded_rows(pool, decode, plan.source, window)
         videos = _videos(decoded, opts, in_order, report, stop)
         try:
             for seq, captions in captioner.caption_stream(videos, opts.search, opts.text_len,
@@ -406,83 +380,19 @@ class _StopRequest:
         self._restore()
 
 
-# What a decode worker imports, loaded once into the forkserver instead of in every worker.
-_WORKER_PRELOAD = ("numpy", "PIL.Image", __name__)
-
-
-def decode_processes(opts: PredictOptions) -> int:
-    """How many processes decode frames (0: `opts.workers` threads do): opts.decode_processes,
-    else, where there are more than 2 cores, one per core but one (left to the thread that drives
-    the model), else 0.
-
-    Decoding a frame holds the GIL for at least a fifth of its time (base64, PIL's header parsing,
-    the array copy out of PIL; JPEG decoding and resizing release it), so threads cannot use more
-    than a few cores however many there are, and what they hold delays the thread that drives the
-    model; processes scale with the cores. On 2 cores processes measured no faster than threads (the
-    model runs on the same cores; README, "Benchmarks"), and a pool takes about 0.6 s to start.
-    Python callers of predict_tables on such machines need the `if __name__ == "__main__":` guard
-    that any multiprocessing needs: the workers import the caller's main module."""
-    if opts.decode_processes is not None:
-        return opts.decode_processes
-    cores = available_cores()
-    return cores - 1 if cores > 2 else 0
-
-
-@contextlib.contextmanager
-def _decode_pool(opts: PredictOptions) -> Iterator[tuple[Executor, int]]:
-    """The pool that decodes frames ahead of the model, and how many workers it has."""
-    processes = decode_processes(opts)
+def _decode_pool(opts: PredictOptions, decode: FrameDecoder) -> tuple[DecodePool, int]:
+    """The pool that decodes rows ahead of the model, and how many rows ahead it reads."""
+    processes = decode_processes(opts.decode_processes)
     if processes:
         log.info("decoding frames in %d processes", processes)
-    pool = worker_pool(processes, _WORKER_PRELOAD) if processes else ThreadPoolExecutor(opts.workers)
-    try:
-        yield pool, processes or opts.workers
-    finally:
-        # Rows queued but not started are not needed once the job ends, stopped or failed.
-        pool.shutdown(wait=True, cancel_futures=True)
+    # Enough rows decoded ahead for two whole refills of the slots, so the model does not wait on
+    # JPEG decoding: where the backend encodes ahead (generator.EncodeAhead), rows are taken a
+    # whole refill at a time, and the next refill's rows must already be decoding.
+    window = 2 * opts.micro_batch_size + 2 * (processes or opts.workers)
+    return DecodePool(processes, opts.workers, decode.crop_shape, rows_per_task(window, processes)), window
 
 
-@dataclass(frozen=True)
-class FrameDecoder:
-    """A row's frames field → its uint8 crops (or its RowError), as predict decodes them. A
-    top-level class holding only options, so it pickles: worker processes run it as well as
-    threads."""
-    column: str
-    frame_num: int
-    img_size: int
-    source: FrameSource = field(default_factory=FrameSource)
-
-    @classmethod
-    def for_job(cls, opts: PredictOptions, cfg: ModelConfig) -> "FrameDecoder":
-        return cls(opts.first_sequence, opts.frame_num or cfg.frame_num, cfg.img_size, opts.frame_source)
-
-    def __call__(self, item: TableRow | RowError) -> _Decoded:
-        if isinstance(item, RowError):
-            return _Decoded(error=item)
-        try:
-            return _Decoded(*row_frames_or_error(item, self.column, self.frame_num, self.img_size, self.source))
-        except RowError as err:
-            return _Decoded(error=err)
-
-
-def _decoded_rows(pool: Executor, decode: FrameDecoder, source: Iterable[PlacedRow],
-                  window: int) -> Iterator[_Decoded]:
-    """The rows of `source` with their frames decoded in `pool`, at most `window` ahead of the
-    consumer, in input order. A worker is sent the row alone (not its place), and no line the
-    reader already found bad."""
-    def submit(placed: PlacedRow) -> Future:
-        if isinstance(placed.item, RowError):
-            done: Future = Future()
-            done.set_result(_Decoded(error=placed.item))
-            return done
-        return pool.submit(decode, placed.item)
-
-    for placed, decoded in concurrency.in_order(source, submit, lambda _placed, future: future.result(), window):
-        decoded.placed = placed
-        yield decoded
-
-
-def _videos(decoded: Iterator[_Decoded], opts: PredictOptions, in_order: _InOrder,
+def _videos(decoded: Iterator[Decoded], opts: PredictOptions, in_order: _InOrder,
             report: PredictReport, stop: _StopRequest) -> Iterator[tuple[int, np.ndarray, SearchOptions]]:
     """(input number, uint8 crops (F, 3, S, S), search) of the good rows: the backend normalizes
     them (a quarter of the bytes a float32 copy would be, to hold and to move to a GPU). Bad rows

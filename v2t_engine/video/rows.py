@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
-from ..concurrency import in_order
+from ..concurrency import in_order, worker_context
 from ..errors import RowError
 from ..inputs.tables import FRAMES_COLUMN, IDX_COLUMN, TableRow
 from .decode import EncodedFrames, Failure, FrameOptions, frames_or_failure
@@ -22,16 +21,8 @@ from .inputs import VideoInput, iter_inputs, printable
 
 log = logging.getLogger(__name__)
 
-
-def _context() -> multiprocessing.context.BaseContext:
-    """forkserver where there is one: workers start from a clean process, never from a fork of
-    a parent that already runs ONNX Runtime threads (forking threads can deadlock); the
-    preloaded modules make each start cheap."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["av", "PIL.Image", "v2t_engine.video.decode"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+# What a video worker imports, loaded once into the forkserver instead of in every worker.
+_WORKER_PRELOAD = ("av", "PIL.Image", "v2t_engine.video.decode")
 
 
 class _Pools:
@@ -46,7 +37,7 @@ class _Pools:
 
     @staticmethod
     def _new(workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=_context())
+        return ProcessPoolExecutor(workers, mp_context=worker_context(_WORKER_PRELOAD))
 
     def submit(self, fn: Callable, item) -> tuple[ProcessPoolExecutor, Future]:
         try:
