@@ -2,7 +2,9 @@
 # One GPU check (issue #10), from a fresh copy of the repo on the lent GPU machine, in one call:
 #   0. install the repo without network; the GPU, its driver and torch's view of them
 #   1. the gpu-marked tests (pytest -m gpu), time-capped
-#   2-4. benchmarks/bench_gpu.py: encoder, decoder and end-to-end sections, each time-capped and
+#   2. benchmarks/bench_input.py: the host's input pipeline alone (no GPU), capped at 45 s: how
+#      many rows/s its cores can decode for the model, and at what cost to the job's process
+#   3-5. benchmarks/bench_gpu.py: encoder, decoder and end-to-end sections, each time-capped and
 #        run in its own process, so one that fails or hangs costs only its own time
 # Everything printed goes to stdout; the tables also go to $OUT/gpu_check.md (./gpu_check.md
 # where OUT is unset).
@@ -130,6 +132,16 @@ say "pytest -m gpu: $verdict after $((SECONDS - T0)) s of the check"
     grep -E "^(SKIPPED|FAILED|ERROR)|passed|failed|skipped|error|deselected" "$TMP/pytest.log" | tail -n 25
     echo '```'
 } >>"$REPORT"
+
+say ""
+say "## 2. Input pipeline alone: benchmarks/bench_input.py (capped at 45 s)"
+INPUT_ARGS="--rows 1024 --repeats 1"
+case " $* " in *" --tiny "*) INPUT_ARGS="--tiny --repeats 1" ;; esac
+# shellcheck disable=SC2086
+timeout -k 5 45 "$PY" benchmarks/bench_input.py $INPUT_ARGS --workdir "$TMP/input" >"$TMP/input.log" 2>&1
+input_rc=$?
+grep -E "^\||^input pipeline" "$TMP/input.log" | tee -a "$REPORT"
+[ "$input_rc" -eq 0 ] || { say "bench_input.py: exit $input_rc"; tail -n 5 "$TMP/input.log"; }
 
 BUDGET=$(($(left) - 15))
 if [ "$BUDGET" -lt 60 ]; then

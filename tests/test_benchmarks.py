@@ -84,3 +84,4 @@ def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "End to end on cpu" in report and "v2t predict --backend torch-fast (fp32)" in report
+    assert "| processes, shared memory (predict) |" in report  # step 2: the input pipeline alone
