@@ -79,6 +79,16 @@ def test_processes_decode_what_threads_decode(table, random_export, thread_run, 
     assert "input wait" in result.output
 
 
+def test_processes_given_several_rows_per_task_write_what_threads_write(table, random_export, tmp_path):
+    """--micro_batch_size 16 on 2 processes reads 36 rows ahead: 4 rows per task."""
+    outs = {}
+    for processes in (0, 2):
+        outs[processes] = tmp_path / f"out{processes}.txt"
+        run_cli(args(table, random_export, outs[processes], "--decode_processes", processes,
+                     "--micro_batch_size", 16), expect_code=3)
+    same_files(outs[2], outs[0])
+
+
 def test_decoded_rows_cross_processes(synth_data):
     """What a worker sends back pickles, a bad row's RowError included (an exception pickles as
     its message alone, which RowError cannot be rebuilt from)."""
@@ -273,6 +283,15 @@ def test_rows_decoded_a_chunk_per_task_keep_their_order_and_errors(table, chunk)
     assert any(w[1] is not None and "column" in w[1][1] for w in want)  # a reader's RowError
     for g, w in zip(got, want):
         assert (g[2] is None) == (w[2] is None) and (w[2] is None or np.array_equal(g[2], w[2]))
+
+
+def test_large_crops_get_fewer_rows_per_task():
+    """The slots' shared memory stays bounded: 16 frames of 336 px crops are 5.4 MB a row."""
+    with DecodePool(3, 0, (16, 3, 336, 336), chunk=8) as pool:
+        assert pool.chunk == decoding.SLOT_MEMORY // (8 * 16 * 3 * 336 * 336) == 6
+        assert pool.slots.count == 8 * 6
+    with DecodePool(3, 0, (4, 3, 224, 224), chunk=8) as pool:
+        assert pool.chunk == 8
 
 
 def test_rows_per_task():

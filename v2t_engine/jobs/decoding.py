@@ -177,6 +177,10 @@ def rows_per_task(window: int, processes: int) -> int:
 _WORKER_PRELOAD = ("numpy", "PIL.Image", __name__)
 
 
+# What the slots of a DecodePool may take, in bytes, where a row per task fits.
+SLOT_MEMORY = 256 << 20
+
+
 class DecodePool:
     """Where rows are decoded: `processes` worker processes (`concurrency.worker_pool`), given
     `chunk` rows per task, whose crops come back through CropSlots of `crop_shape`, or, with
@@ -185,14 +189,17 @@ class DecodePool:
 
     def __init__(self, processes: int, threads: int, crop_shape: tuple[int, ...], chunk: int = 1):
         self.workers = processes or threads
-        self.chunk = chunk if processes else 1
+        self.chunk = 1
         self.slots: CropSlots | None = None
         self.executor: Executor
         if processes:
-            # A worker holds a task's slots until its result crosses the pipe; twice as many
-            # tasks' worth as workers means none waits for a slot.
-            self.slots = CropSlots((2 * processes + 2) * self.chunk, crop_shape,
-                                   concurrency.worker_context(_WORKER_PRELOAD))
+            # A worker holds a task's slots until its result crosses the pipe: twice as many
+            # tasks' worth as workers means none waits for a slot, and at least one task's worth
+            # per worker means none can wait forever. Large crops get fewer rows per task, so
+            # the slots stay within SLOT_MEMORY (but for one row per task).
+            tasks, row_bytes = 2 * processes + 2, int(np.prod(crop_shape))
+            self.chunk = max(1, min(chunk, SLOT_MEMORY // (tasks * row_bytes)))
+            self.slots = CropSlots(tasks * self.chunk, crop_shape, concurrency.worker_context(_WORKER_PRELOAD))
             self.executor = worker_pool(processes, _WORKER_PRELOAD, init=(_attach_slots, (self.slots,)))
         else:
             self.executor = ThreadPoolExecutor(threads)
