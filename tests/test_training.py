@@ -322,3 +322,15 @@ def test_torchrun_two_processes_write_one_checkpoint(data, tmp_path):
     assert state["step"] == 6  # 96 rows / (2 ranks x 16) = 3 steps per epoch
     assert len(state["history"]) == 2 and state["history"][-1]["val_loss"] < state["history"][0]["val_loss"]
     ckpt.load_model(out)
+
+
+def test_a_seed_trains_the_same_weights_on_two_threads(data, tmp_path):
+    """On several threads some backward kernels sum in thread order; training on the CPU uses
+    PyTorch's deterministic ones, so a seed's weights are the same bit for bit."""
+    from conftest import TINY_ARCH
+
+    kw = dict(threads=2, epoch_num=1, micro_batch_size=32, user_defined_parameters={k: str(v) for k, v in TINY_ARCH.items()})
+    a, _ = ckpt.load_model(train(options(data, tmp_path / "a", **kw)))
+    b, _ = ckpt.load_model(train(options(data, tmp_path / "b", **kw)))
+    assert same_weights(a, b)
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored

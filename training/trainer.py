@@ -11,9 +11,11 @@ what a given seed trains.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +154,9 @@ class Trainer:
         progress = _Progress(self.total_steps, self.step, self.opts.micro_batch_size * self.d.world,
                              enabled=self.d.is_main and self.opts.progress)
         try:
-            for epoch in range(self.step // self.steps_per_epoch, self.opts.epoch_num):
-                self.run_epoch(epoch, progress)
+            with _deterministic_on_cpu(self.d.device):
+                for epoch in range(self.step // self.steps_per_epoch, self.opts.epoch_num):
+                    self.run_epoch(epoch, progress)
         finally:
             progress.close()
         return self.out
@@ -252,6 +255,24 @@ def evaluate(model: VideoCaptioner, dataset: CaptionDataset, batch_size: int, d:
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
+
+
+@contextlib.contextmanager
+def _deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """PyTorch's deterministic kernels while training on the CPU, so a seed trains the same weights
+    bit for bit on any number of threads. Without them, some backward kernels sum in thread order:
+    two runs of 2 epochs differed by 1e-8 on 2 threads, which 20 epochs grew into captions that
+    differ. They cost no measurable speed on the CPU here. Not on GPUs, where they do and cuBLAS
+    needs CUBLAS_WORKSPACE_CONFIG. The setting is the process's: restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def _seed_everything(seed: int) -> None:
