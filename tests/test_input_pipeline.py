@@ -79,6 +79,7 @@ def test_processes_decode_what_threads_decode(table, random_export, thread_run, 
     assert "input wait" in result.output
 
 
+@pytest.mark.slow
 def test_processes_given_several_rows_per_task_write_what_threads_write(table, random_export, tmp_path):
     """--micro_batch_size 16 on 2 processes reads 36 rows ahead: 4 rows per task."""
     outs = {}

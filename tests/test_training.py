@@ -324,6 +324,7 @@ def test_torchrun_two_processes_write_one_checkpoint(data, tmp_path):
     ckpt.load_model(out)
 
 
+@pytest.mark.slow
 def test_a_seed_trains_the_same_weights_on_two_threads(data, tmp_path):
     """On several threads some backward kernels sum in thread order; training on the CPU uses
     PyTorch's deterministic ones, so a seed's weights are the same bit for bit."""
